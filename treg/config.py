@@ -1,0 +1,90 @@
+"""Configs are dataclasses loaded from YAML; an unknown, missing or mistyped key is an error, never ignored."""
+import dataclasses
+import typing
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config problem, reported to the user as one line."""
+
+
+@dataclasses.dataclass
+class TaskConfig:
+    """A degradation task: y = A(x) + noise_scale·n, with x a (B,3,image_size,image_size) image in [-1,1]."""
+    operator: str            # a key of treg.operators.OPERATORS
+    params: dict             # that operator's keyword arguments
+    noise_scale: float       # measurement noise std, in [-1,1] pixel units
+    image_size: int          # images are resized (shorter side) and centre-cropped to this size
+
+
+def read_yaml(path):
+    """A YAML mapping from `path`, or a ConfigError naming the file and the problem."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as err:
+        raise ConfigError(f"cannot read config {path}: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"malformed YAML in {path}{where}: {getattr(err, 'problem', None) or err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of keys to values")
+    return data
+
+
+def _coerce(value, kind, key, source):
+    """YAML 1.1 reads `1e-4` as a string and `5` as an int; accept both where a float is meant."""
+    if kind is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if typing.get_origin(kind) is typing.Union or type(kind).__name__ == "UnionType":
+        options = [k for k in typing.get_args(kind) if k is not type(None)]
+        return value if value is None else _coerce(value, options[0], key, source)
+    if kind in (int, float, bool, str, dict) and not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"{source}: '{key}' must be {kind.__name__}, got {value!r}")
+    return value
+
+
+def build(cls, data, source):
+    """cls(**data) with unknown keys, missing keys and wrong types reported as one line."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"{source}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(fields)}")
+    missing = [name for name, f in fields.items() if name not in data
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"{source}: missing key(s) {', '.join(missing)}")
+    return cls(**{k: _coerce(v, hints[k], k, source) for k, v in data.items()})
+
+
+def load_task(path, image_size=None):
+    """The TaskConfig in `path`; `image_size` (the CLI flag) overrides the file's."""
+    data = read_yaml(path)
+    if image_size is not None:
+        data["image_size"] = image_size
+    return build(TaskConfig, data, str(path))
+
+
+def load_solver(path, solvers, overrides=None):
+    """(name, config) from a solver YAML whose `solver:` key names an entry of `solvers`; `overrides` are
+    CLI values (None = not given) applied on top of the file. A flag the solver has no field for is an error."""
+    data = read_yaml(path)
+    name = data.pop("solver", None)
+    if name not in solvers:
+        raise ConfigError(f"{path}: 'solver' must be one of {', '.join(solvers)}, got {name!r}")
+    cls = solvers[name][1]
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        if key not in names:
+            raise ConfigError(f"--{key} does not apply to solver '{name}' (its settings: {', '.join(names)})")
+        data[key] = value
+    return name, build(cls, data, str(path))

@@ -1,0 +1,110 @@
+"""Image files in and out. Inside the library images are (B,3,H,W) float32 in [-1,1]; only this module and
+metrics.py convert to [0,1] or uint8, always with one fixed mapping (no per-image min-max stretch)."""
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
+EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
+
+
+class ImageError(ValueError):
+    """An input image problem, reported to the user as one line."""
+
+
+def _to_rgb(img):
+    """Any PIL mode (grey, 16-bit grey, palette, RGBA, CMYK) as 8-bit RGB; transparency goes on white."""
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode != "F" and arr.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(arr / top * 255 + 0.5, 0, 255).astype(np.uint8))
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA")
+        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, img)
+    return img.convert("RGB")
+
+
+def load_image(path, size):
+    """(1,3,size,size) in [-1,1]: RGB, shorter side resized to `size` (bilinear), centre-cropped."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            img = _to_rgb(img)
+    except FileNotFoundError:
+        raise ImageError(f"image not found: {path}") from None
+    except (UnidentifiedImageError, OSError) as err:
+        raise ImageError(f"cannot read image {path}: {err}") from None
+    w, h = img.size
+    if min(w, h) < size:
+        warnings.warn(f"{path} is {w}x{h}, smaller than image_size {size}: upsampling it")
+    scale = size / min(w, h)
+    img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
+    left, top = (img.size[0] - size) // 2, (img.size[1] - size) // 2
+    img = img.crop((left, top, left + size, top + size))
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1)
+    return x.permute(2, 0, 1)[None]
+
+
+def list_images(path):
+    """The image files at `path` (one file, or a folder's images in sorted order)."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in EXTENSIONS and p.is_file())
+        if not files:
+            raise ImageError(f"no images ({', '.join(sorted(EXTENSIONS))}) in folder {path}")
+        return files
+    if not path.exists():
+        raise ImageError(f"image not found: {path}")
+    return [path]
+
+
+def to_uint8(x):
+    """(3,H,W) in [-1,1] -> (H,W,3) uint8 by the fixed map (x+1)/2·255, clamped."""
+    return ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+def viewable(y, size):
+    """A measurement shown as a person would look at it: image-layout y nearest-upsampled to size×size."""
+    return y if y.shape[-1] == size else F.interpolate(y, size=(size, size), mode="nearest")
+
+
+def atomic_write(path, write):
+    """Call write(tmp_path) and rename into place, so a crash or Ctrl-C never leaves a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_image(x, path):
+    """Write a (3,H,W) [-1,1] tensor as an 8-bit PNG, atomically."""
+    atomic_write(path, lambda tmp: Image.fromarray(to_uint8(x)).save(tmp, format="PNG"))
+
+
+def grid(rows, labels=None, pad=4):
+    """A PIL image tiling `rows` (a list of lists of (3,H,W) tensors of one size) with optional column labels."""
+    from PIL import ImageDraw
+
+    h, w = rows[0][0].shape[-2:]
+    top = 16 if labels else 0
+    cols = max(len(r) for r in rows)
+    sheet = Image.new("RGB", (cols * (w + pad) + pad, top + len(rows) * (h + pad) + pad), "white")
+    draw = ImageDraw.Draw(sheet)
+    for j, label in enumerate(labels or []):
+        draw.text((pad + j * (w + pad), 2), str(label)[: max(4, w // 6)], fill="black")
+    for i, row in enumerate(rows):
+        for j, x in enumerate(row):
+            sheet.paste(Image.fromarray(to_uint8(x)), (pad + j * (w + pad), top + pad + i * (h + pad)))
+    return sheet
