@@ -1,0 +1,87 @@
+import pytest
+import torch
+
+from treg.linalg import conjugate_gradient, prox
+from treg.operators import build_operator
+
+
+def random_spd_map(batch, n, seed=0):
+    """A per-sample SPD map on (batch, 3, h, w) tensors with n = 3hw, and its matrices, condition number ≲ 50."""
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(batch, n, n, generator=g, dtype=torch.float64))
+    eig = torch.linspace(1, 50, n, dtype=torch.float64).expand(batch, n)
+    m = q @ torch.diag_embed(eig) @ q.mT
+    return (lambda x: (m @ x.flatten(1).unsqueeze(-1)).view_as(x)), m
+
+
+def test_cg_solves_random_spd_system_per_sample():
+    apply, m = random_spd_map(3, 48)
+    x_true = torch.randn(3, 3, 4, 4, dtype=torch.float64)
+    x = conjugate_gradient(apply, apply(x_true), torch.zeros_like(x_true), iters=100)
+    err = (x - x_true).flatten(1).norm(dim=1) / x_true.flatten(1).norm(dim=1)
+    assert err.max() < 1e-6
+
+
+def test_cg_samples_are_independent():
+    # Few iterations, so per-sample step sizes matter: a batch-wide inner product would change every sample.
+    apply, m = random_spd_map(2, 48)
+    b = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    batched = conjugate_gradient(apply, b, torch.zeros_like(b), iters=5)
+    for i in range(2):
+        alone = conjugate_gradient(
+            lambda x: (m[i] @ x.flatten(1).unsqueeze(-1)).view_as(x), b[i : i + 1], torch.zeros_like(b[i : i + 1]), 5
+        )
+        torch.testing.assert_close(batched[i : i + 1], alone, rtol=1e-12, atol=1e-12)
+
+
+def test_cg_converged_sample_stays_finite():
+    apply, _ = random_spd_map(2, 48)
+    b = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    b[0] = 0  # already solved by x0 = 0: zero residual and zero search direction
+    x = conjugate_gradient(apply, b, torch.zeros_like(b), iters=30)
+    assert torch.isfinite(x).all()
+    assert (x[0] == 0).all()
+    assert (apply(x) - b)[1].norm() < 1e-3 * b[1].norm()
+
+
+def test_cg_stops_early_at_tolerance():
+    calls = []
+
+    def identity(x):
+        calls.append(1)
+        return x
+
+    b = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    x = conjugate_gradient(identity, b, torch.zeros_like(b), iters=50, tol=1e-8)
+    torch.testing.assert_close(x, b)
+    assert len(calls) == 2  # initial residual + one step; the residual is then 0 < tol
+    calls.clear()
+    conjugate_gradient(identity, b, torch.zeros_like(b), iters=50, tol=0.0)
+    assert len(calls) == 51
+
+
+@pytest.fixture
+def sr():
+    return build_operator("super_resolution", 64, scale=4).double()
+
+
+def test_prox_lowers_the_data_residual(sr):
+    g = torch.Generator().manual_seed(1)
+    x_true, x0 = torch.rand(2, 2, 3, 64, 64, generator=g, dtype=torch.float64) * 2 - 1
+    y = sr.A(x_true)
+    x = prox(sr, x0, y, lamb=1e-4, iters=5, tol=1e-4)
+    before = (sr.A(x0) - y).flatten(1).norm(dim=1)
+    after = (sr.A(x) - y).flatten(1).norm(dim=1)
+    assert (after < 0.1 * before).all()
+
+
+def test_prox_tends_to_pinv_as_lambda_vanishes(sr):
+    y = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    x = prox(sr, torch.zeros(2, 3, 64, 64, dtype=torch.float64), y, lamb=1e-10, iters=30)
+    torch.testing.assert_close(x, sr.pinv(y), rtol=0, atol=1e-5 * sr.pinv(y).abs().max().item())
+
+
+def test_prox_with_large_lambda_stays_at_x0(sr):
+    x0 = torch.randn(1, 3, 64, 64, dtype=torch.float64)
+    x = prox(sr, x0, torch.randn(1, 3, 16, 16, dtype=torch.float64), lamb=1e6, iters=5)
+    assert (x - x0).norm() < 1e-5 * x0.norm()

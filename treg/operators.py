@@ -1,0 +1,300 @@
+"""Linear degradation operators y = A x, as torch modules.
+
+Images are (B,3,H,W) tensors in [-1,1]; measurements keep image layout. Every operator has the forward map `A`, its
+exact adjoint `At` (⟨A x, y⟩ = ⟨x, Aᵀ y⟩) and the least-norm pseudo-inverse `pinv`. Kernels, masks and matrices are
+buffers, so `op.to(device)` and `op.double()` work; each method runs in its input's device and dtype. Measurement noise
+is the caller's job: y = op.A(x) + noise_scale·n.
+
+    op = build_operator("super_resolution", 512, scale=16)   # configs/task/*.yaml: operator, params
+"""
+import inspect
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFilter
+from torch import nn
+
+from treg.linalg import conjugate_gradient
+
+
+class Operator(nn.Module):
+    """A linear map; subclasses define A and At, and pinv unless the CG default below is good enough."""
+
+    pinv_iters = 50
+
+    def pinv(self, y):
+        """A⁺y = Aᵀ (A Aᵀ)⁻¹ y, the inverse applied by `pinv_iters` CG steps from 0."""
+        v = conjugate_gradient(lambda u: self.A(self.At(u)), y, torch.zeros_like(y), self.pinv_iters)
+        return self.At(v)
+
+
+# --- super-resolution --------------------------------------------------------------------------------------------
+
+
+def keys_cubic(t, a=-0.5):
+    """Keys' cubic convolution kernel k(t); a = −0.5 is the usual "bicubic"."""
+    t = np.abs(t)
+    inner = (a + 2) * t**3 - (a + 3) * t**2 + 1
+    outer = a * t**3 - 5 * a * t**2 + 8 * a * t - 4 * a
+    return np.where(t <= 1, inner, np.where(t < 2, outer, 0.0))
+
+
+def bicubic_decimation_matrix(n, scale):
+    """(n/s, n) float64 matrix of antialiased bicubic downsampling by s, symmetric (edge-repeating) boundary.
+
+    Row r is centred on input s·r + (s−1)/2 and has the 4s taps k((m − 2s + 0.5)/s), m = 0..4s−1, normalised to
+    sum 1; a tap outside [0, n) folds back as in numpy's 'symmetric' padding (−1 → 0, n → n−1).
+    """
+    s = scale
+    taps = keys_cubic((np.arange(4 * s) - 2 * s + 0.5) / s)
+    taps /= taps.sum()
+    rows = np.arange(n // s)[:, None]
+    cols = np.mod(s * rows + s // 2 + np.arange(-2 * s, 2 * s), 2 * n)
+    cols = np.where(cols >= n, 2 * n - 1 - cols, cols)
+    matrix = np.zeros((n // s, n))
+    np.add.at(matrix, (np.broadcast_to(rows, cols.shape), cols), taps)  # folded taps can share a column
+    return matrix
+
+
+class SuperResolution(Operator):
+    """×s bicubic downsampling, Y_c = A_s X_c A_sᵀ per channel (the official `sr_bicubic` for s = 16).
+
+    Boundary: symmetric reflection; equivalently, symmetric-pad by 2s → F.interpolate(bicubic, antialias=True) to
+    H/s + 4 → crop 2. Closed-form pinv: P Y Pᵀ with P = A_s⁺ = A_sᵀ (A_s A_sᵀ)⁻¹.
+    """
+
+    scales = (4, 8, 16)
+
+    def __init__(self, image_size, scale):
+        super().__init__()
+        if scale not in self.scales:
+            raise ValueError(f"super_resolution scale must be one of {self.scales}, got {scale!r}")
+        if image_size % scale:
+            raise ValueError(f"super_resolution needs image_size divisible by scale, got {image_size} and {scale}")
+        a = bicubic_decimation_matrix(image_size, scale)
+        self.scale = scale
+        self.register_buffer("matrix", torch.from_numpy(a).float())
+        self.register_buffer("matrix_pinv", torch.from_numpy(np.linalg.solve(a @ a.T, a).T).float())
+
+    def A(self, x):
+        """A_s X A_sᵀ: (B,3,H,W) → (B,3,H/s,W/s)."""
+        m = self.matrix.to(x)
+        return m @ x @ m.mT
+
+    def At(self, y):
+        """A_sᵀ Y A_s: (B,3,H/s,W/s) → (B,3,H,W)."""
+        m = self.matrix.to(y)
+        return m.mT @ y @ m
+
+    def pinv(self, y):
+        """P Y Pᵀ, P = A_s⁺ (the pseudo-inverse of a Kronecker product is the product of the pseudo-inverses)."""
+        p = self.matrix_pinv.to(y)
+        return p @ y @ p.mT
+
+
+# --- blur --------------------------------------------------------------------------------------------------------
+
+
+def _check_kernel_size(kernel_size):
+    if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
+        raise ValueError(f"blur kernel_size must be an odd positive integer, got {kernel_size!r}")
+
+
+def gaussian_kernel(kernel_size, std):
+    """K×K separable Gaussian, g(k) ∝ exp(−k²/(2 std²)) for k = −(K−1)/2 … (K−1)/2, normalised to sum 1."""
+    _check_kernel_size(kernel_size)
+    if std <= 0:
+        raise ValueError(f"blur std must be positive, got {std!r}")
+    k = np.arange(kernel_size) - (kernel_size - 1) / 2
+    g = np.exp(-(k**2) / (2 * std**2))
+    g /= g.sum()
+    return torch.from_numpy(np.outer(g, g))
+
+
+def motion_kernel(kernel_size, intensity, seed):
+    """K×K random camera-shake kernel (non-negative, sums to 1), the same for the same seed.
+
+    A reimplementation, from its description, of the trajectory generator of LeviBorodenko/motionblur used by DPS
+    (Chung et al., ICLR 2023), drawn with numpy.random.default_rng(seed): a path of Beta(1,30) steps with jittered
+    headings, drawn as a line on a 2K×2K canvas, Gaussian-blurred and LANCZOS-resized to K×K. The exact values depend
+    on Pillow's rasterisation and resampling.
+    """
+    _check_kernel_size(kernel_size)
+    if not 0 <= intensity <= 1:
+        raise ValueError(f"blur intensity must be in [0, 1], got {intensity!r}")
+    rng = np.random.default_rng(seed)
+    canvas = 2 * kernel_size
+    diag = np.hypot(canvas, canvas)
+
+    max_length = 0.75 * diag * (rng.uniform() + rng.uniform(0, intensity**2))
+    steps = []
+    while sum(steps) < max_length:
+        steps.append(rng.beta(1, 30) * (1 - intensity + 0.1) * diag)
+
+    max_angle = rng.uniform(0, intensity * np.pi)
+    jitter = rng.beta(2, 20)
+    angles = [rng.uniform(-max_angle, max_angle)]
+    while len(angles) < len(steps):
+        # Each heading keeps the previous heading's side, switching side with probability `jitter`.
+        side = np.sign(angles[-1]) * (-1 if rng.uniform() < jitter else 1)
+        angles.append(side * rng.triangular(0, intensity * max_angle, max_angle + 0.1))
+
+    # Start the path at the origin so that a single step is still a segment, not an undrawable point.
+    path = np.cumsum(np.concatenate([[0], np.array(steps) * np.exp(1j * np.array(angles))]))
+    path = (path - path.mean()) * np.exp(1j * rng.uniform(0, np.pi)) + canvas * (1 + 1j) / 2
+
+    # Greyscale canvas: the original draws white on RGB and converts to "L", which gives the same values. Pillow
+    # draws nothing at width 0, which int(diag/150) gives for K < 53.
+    image = Image.new("L", (canvas, canvas))
+    ImageDraw.Draw(image).line([(z.real, z.imag) for z in path], fill=255, width=max(1, int(diag / 150)))
+    image = image.filter(ImageFilter.GaussianBlur(radius=int(0.01 * diag)))
+    kernel = np.asarray(image.resize((kernel_size, kernel_size), Image.LANCZOS), dtype=np.float64)
+    return torch.from_numpy(kernel / kernel.sum())
+
+
+class Blur(Operator):
+    """y = x ⊛ k restricted to the H×W grid with x = 0 outside (zero boundary, "same" size); k is K×K, K odd.
+
+    y[i, j] = Σ_{a,b} k[a, b] x[i + c − a, j + c − b], c = (K−1)/2. Computed as a linear (not circular) convolution by
+    FFTs zero-padded to H+K−1; At is the correlation with k under the same padding and cropping, the exact adjoint.
+    pinv: 50 CG steps on A Aᵀ, then Aᵀ.
+    """
+
+    def __init__(self, kernel):
+        super().__init__()
+        kernel = torch.as_tensor(kernel)
+        if kernel.dim() != 2 or kernel.shape[0] != kernel.shape[1] or kernel.shape[0] % 2 == 0:
+            raise ValueError(f"blur kernel must be square with an odd side, got shape {tuple(kernel.shape)}")
+        self.register_buffer("kernel", kernel.float())
+
+    def _kernel_fft(self, x):
+        """(FFT of k at the linear-convolution size (H+K−1, W+K−1), that size)."""
+        pad = self.kernel.shape[-1] - 1
+        size = (x.shape[-2] + pad, x.shape[-1] + pad)
+        return torch.fft.rfft2(self.kernel.to(x), s=size), size
+
+    def A(self, x):
+        """(x ⊛ k)[c:c+H, c:c+W] of the full convolution: (B,3,H,W) → (B,3,H,W)."""
+        kf, size = self._kernel_fft(x)
+        full = torch.fft.irfft2(torch.fft.rfft2(x, s=size) * kf, s=size)
+        c = self.kernel.shape[-1] // 2
+        return full[..., c : c + x.shape[-2], c : c + x.shape[-1]]
+
+    def At(self, y):
+        """Correlation of the zero-embedded y with k, cropped: (B,3,H,W) → (B,3,H,W)."""
+        kf, size = self._kernel_fft(y)
+        c = self.kernel.shape[-1] // 2
+        # Embedding y at offset c undoes A's crop; no wrap-around reaches the kept window since k vanishes there.
+        full = torch.fft.irfft2(torch.fft.rfft2(F.pad(y, (c, c, c, c))) * kf.conj(), s=size)
+        return full[..., : y.shape[-2], : y.shape[-1]]
+
+
+# --- inpainting ----------------------------------------------------------------------------------------------------
+
+
+def box_mask(image_size, size=None, top=None, left=None, margin=None, seed=0):
+    """n×n mask, 1 = observed, with a size×size hole (default n//2) at (top, left) if given, else placed uniformly at
+    least `margin` pixels from the border by default_rng(seed) if a margin is given, else centred. `size` is in
+    pixels (int) or a fraction of the image side (float ≤ 1), so one config serves every --image_size."""
+    n = image_size
+    size = n // 2 if size is None else round(size * n) if isinstance(size, float) and size <= 1 else int(size)
+    if (top is None) != (left is None) or (top is not None and margin is not None):
+        raise ValueError("box mask: give both top and left, or margin (with seed), or neither (centred)")
+    if margin is not None:
+        if n - 2 * margin < size:
+            raise ValueError(f"box mask: a {size}-pixel box does not fit {margin} pixels inside a {n}-pixel image")
+        top, left = (int(v) for v in np.random.default_rng(seed).integers(margin, n - margin - size, 2, endpoint=True))
+    elif top is None:
+        top = left = (n - size) // 2
+    if size < 1 or min(top, left) < 0 or max(top, left) + size > n:
+        raise ValueError(f"box mask: box of size {size} at ({top}, {left}) does not fit a {n}×{n} image")
+    mask = torch.ones(n, n)
+    mask[top : top + size, left : left + size] = 0
+    return mask
+
+
+def random_mask(image_size, drop=0.7, seed=0):
+    """n×n mask, 1 = observed, with exactly round(drop·n²) pixels dropped, chosen by default_rng(seed)."""
+    if not 0 <= drop <= 1:
+        raise ValueError(f"random mask: drop must be in [0, 1], got {drop!r}")
+    n = image_size
+    mask = torch.ones(n * n)
+    mask[np.random.default_rng(seed).choice(n * n, round(drop * n * n), replace=False)] = 0
+    return mask.view(n, n)
+
+
+def file_mask(image_size, path):
+    """n×n mask read from a greyscale image (> 127 = observed), resized with nearest neighbour."""
+    try:
+        with Image.open(path) as image:
+            grey = image.convert("L").resize((image_size, image_size), Image.NEAREST)
+    except OSError as error:
+        reason = error.strerror or error
+        raise ValueError(f"inpainting mask must be 'box', 'random' or a readable image file; {path!r}: {reason}") from None
+    return torch.from_numpy(np.asarray(grey) > 127).float()
+
+
+class Inpainting(Operator):
+    """y = m ⊙ x with a fixed {0,1} mask m (1 = observed, shared by the channels); missing pixels read 0.
+
+    A is an orthogonal projection, so A = Aᵀ = A⁺.
+    """
+
+    def __init__(self, mask):
+        super().__init__()
+        mask = torch.as_tensor(mask, dtype=torch.float32)
+        self.register_buffer("mask", mask.view(1, 1, *mask.shape[-2:]))
+
+    def A(self, x):
+        """m ⊙ x: (B,3,H,W) → (B,3,H,W)."""
+        return self.mask.to(x) * x
+
+    At = pinv = A
+
+
+# --- construction by name ------------------------------------------------------------------------------------------
+
+
+def _call(fn, label, *args, **params):
+    """fn(*args, **params), reporting an unknown or missing keyword as a one-line ValueError."""
+    signature = inspect.signature(fn)
+    named = list(signature.parameters.values())[len(args) :]
+    accepted = ", ".join(p.name for p in named if p.kind != p.VAR_KEYWORD) or "none"
+    if not any(p.kind == p.VAR_KEYWORD for p in named):
+        unknown = sorted(set(params) - {p.name for p in named})
+        if unknown:
+            raise ValueError(f"{label}: unknown parameter(s) {', '.join(unknown)}; accepted parameters: {accepted}")
+    try:
+        signature.bind(*args, **params)
+    except TypeError as error:
+        raise ValueError(f"{label}: {error}; accepted parameters: {accepted}") from None
+    return fn(*args, **params)
+
+
+KERNELS = {"gaussian": gaussian_kernel, "motion": motion_kernel}
+MASKS = {"box": box_mask, "random": random_mask}
+
+
+def blur(image_size, kernel="gaussian", **params):
+    """Blur with kernel 'gaussian' (kernel_size, std) or 'motion' (kernel_size, intensity, seed); any image size."""
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown blur kernel {kernel!r}; choose one of: {', '.join(KERNELS)}")
+    return Blur(_call(KERNELS[kernel], f"blur kernel '{kernel}'", **params))
+
+
+def inpainting(image_size, mask="box", **params):
+    """Inpainting with mask 'box' (size, top, left | margin, seed), 'random' (drop, seed) or a mask image path."""
+    if mask in MASKS:
+        return Inpainting(_call(MASKS[mask], f"inpainting mask '{mask}'", image_size, **params))
+    return Inpainting(_call(file_mask, f"inpainting mask file {mask!r}", image_size, mask, **params))
+
+
+OPERATORS = {"super_resolution": SuperResolution, "blur": blur, "inpainting": inpainting}
+
+
+def build_operator(name, image_size, **params):
+    """OPERATORS[name](image_size, **params), e.g. a task config's `operator` and `params`."""
+    if name not in OPERATORS:
+        raise ValueError(f"unknown operator {name!r}; choose one of: {', '.join(OPERATORS)}")
+    return _call(OPERATORS[name], f"operator '{name}'", image_size, **params)
