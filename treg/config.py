@@ -72,9 +72,10 @@ def load_task(path, image_size=None):
     return build(TaskConfig, data, str(path))
 
 
-def load_solver(path, solvers, overrides=None):
+def load_solver(path, solvers, overrides=None, strict=True):
     """(name, config) from a solver YAML whose `solver:` key names an entry of `solvers`; `overrides` are
-    CLI values (None = not given) applied on top of the file. A flag the solver has no field for is an error."""
+    CLI values (None = not given) applied on top of the file. A flag the solver has no field for is an error
+    when `strict`, and is skipped otherwise (compare mode applies shared flags to the solvers that have them)."""
     data = read_yaml(path)
     name = data.pop("solver", None)
     if name not in solvers:
@@ -85,6 +86,8 @@ def load_solver(path, solvers, overrides=None):
         if value is None:
             continue
         if key not in names:
+            if not strict:
+                continue
             raise ConfigError(f"--{key} does not apply to solver '{name}' (its settings: {', '.join(names)})")
         data[key] = value
     return name, build(cls, data, str(path))

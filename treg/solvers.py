@@ -116,6 +116,9 @@ def treg(prior, op, y, cfg, *, c, uc, generator=None, callback=None):
             z0_blend = a_prev * z0y + (1 - a_prev) * z0
             noise = randn(z.shape, generator, z.device)
             z = a_prev ** 0.5 * z0_blend + (1 - a_prev) * eps + (a_prev * (1 - a_prev)) ** 0.5 * noise
+            if callback:
+                callback({"i": i, "steps": cfg.steps, "t": t, "z0": z0, "x0y": x0y})
+            continue
         elif cfg.use_DPS:
             # latent DPS step with the (adapted) null text only, w = 0, as in the official code
             eps, z0, grad = dps_gradient(prior, op, y, z, t, a, lambda z_: prior.eps(z_, t, uc))
