@@ -33,14 +33,15 @@ def test_solve_end_to_end_in_subprocess(task, tiny_sd, tmp_path):
            "--null_lr", "1e-3", "--use_AN", "--workdir", str(workdir), "--device", "cpu"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    for folder in solve.FOLDERS:
+    for folder in ("input", "label", "recon", "ypred"):
         image = np.asarray(Image.open(workdir / folder / "00000-a photo of a cat.png"))
         assert image.shape == (64, 64, 3) and image.dtype == np.uint8
     record = json.loads((workdir / "run.json").read_text())
-    assert record["task"]["image_size"] == 64 and record["solver"]["use_AN"] is True
-    assert record["solver"]["cfg_guidance"] == 5.0 and record["solver"]["null_lr"] == 1e-3
-    image = record["images"][0]
-    assert np.isfinite(image["residual"]) and image["calls"]["unet"] == 9 and image["calls"]["clip_image"] == 3
+    assert record["task"]["image_size"] == 64 and record["solvers"]["treg"]["use_AN"] is True
+    assert record["solvers"]["treg"]["cfg_guidance"] == 5.0 and record["solvers"]["treg"]["null_lr"] == 1e-3
+    result = record["images"][0]["results"]["treg"]
+    assert np.isfinite(result["residual"]) and result["calls"]["unet"] == 9 and result["calls"]["clip_image"] == 3
+    assert set(result["metrics"]) == {"psnr", "ssim"} and record["metrics_mean"]["treg"]["images"] == 1
 
 
 def run_main(argv):

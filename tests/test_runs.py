@@ -1,0 +1,132 @@
+"""Folders, resume, batches, compare mode and 2-process accelerate runs, on the analytic prior (fast, offline)."""
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+import solve
+from treg.solvers import SOLVERS
+
+ROOT = Path(__file__).resolve().parent.parent
+BASE = ["--model", "analytic", "--task_config", ROOT / "configs/task/super-resolution-x8.yaml", "--image_size", 64,
+        "--img_path", ROOT / "samples", "--prompt", "a photo of a cat", "--device", "cpu"]
+
+
+def solver_yaml(tmp_path, name, **changes):
+    data = yaml.safe_load((ROOT / f"configs/solver/{name}.yaml").read_text())
+    data.update(changes)
+    folder = tmp_path / "solver-configs"
+    folder.mkdir(exist_ok=True)
+    (folder / f"{name}.yaml").write_text(yaml.safe_dump(data))
+    return folder / f"{name}.yaml"
+
+
+def run_main(*argv):
+    try:
+        solve.main([str(a) for a in [*BASE, *argv]])
+    except SystemExit as stop:
+        return stop.code
+    return None
+
+
+def pngs(workdir):
+    return {p.relative_to(workdir): np.asarray(Image.open(p)) for p in sorted(Path(workdir).rglob("*.png"))}
+
+
+def test_limit_and_per_image_seeds(tmp_path):
+    cfg = solver_yaml(tmp_path, "treg", steps=12)
+    assert run_main("--solver_config", cfg, "--workdir", tmp_path / "all") is None
+    assert run_main("--solver_config", cfg, "--workdir", tmp_path / "two", "--limit", 2) is None
+    everything, first_two = pngs(tmp_path / "all"), pngs(tmp_path / "two")
+    assert len(everything) == 4 * 4 and len(first_two) == 2 * 4
+    for name, image in first_two.items():  # image i's result does not depend on what else is solved
+        assert np.array_equal(image, everything[name]), name
+    rows = list(csv.DictReader(open(tmp_path / "all/metrics.csv")))
+    assert [r["index"] for r in rows] == ["0", "1", "2", "3"] and all(float(r["psnr"]) > 0 for r in rows)
+    record = json.loads((tmp_path / "all/run.json").read_text())
+    mean = np.mean([float(r["psnr"]) for r in rows])
+    assert record["metrics_mean"]["treg"]["psnr"] == pytest.approx(mean)
+
+
+def test_interrupted_run_resumes_to_the_same_files(tmp_path, monkeypatch):
+    cfg = solver_yaml(tmp_path, "treg", steps=12)
+    assert run_main("--solver_config", cfg, "--workdir", tmp_path / "whole") is None
+
+    fn, config = SOLVERS["treg"]
+    calls = []
+
+    def interrupted_on_third_image(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return fn(*args, **kwargs)
+
+    monkeypatch.setitem(SOLVERS, "treg", (interrupted_on_third_image, config))
+    code = run_main("--solver_config", cfg, "--workdir", tmp_path / "resumed")
+    assert "interrupted" in code
+    partial = pngs(tmp_path / "resumed")
+    assert len(partial) == 2 * 4  # two images finished, nothing half-written
+    assert not [p for p in (tmp_path / "resumed").rglob(".*") if p.is_file()]  # no temporary files left
+    assert len(json.loads((tmp_path / "resumed/run.json").read_text())["images"]) == 2
+
+    monkeypatch.setitem(SOLVERS, "treg", (fn, config))
+    calls.clear()
+    assert run_main("--solver_config", cfg, "--workdir", tmp_path / "resumed", "--skip_existing") is None
+    resumed, whole = pngs(tmp_path / "resumed"), pngs(tmp_path / "whole")
+    assert resumed.keys() == whole.keys()
+    assert all(np.array_equal(resumed[k], whole[k]) for k in whole)
+    record = json.loads((tmp_path / "resumed/run.json").read_text())
+    assert [image["index"] for image in record["images"]] == [0, 1, 2, 3]  # nothing duplicated
+
+
+def test_batches_give_the_same_images(tmp_path):
+    cfg = solver_yaml(tmp_path, "treg", steps=12)
+    assert run_main("--solver_config", cfg, "--workdir", tmp_path / "b1") is None
+    assert run_main("--solver_config", cfg, "--workdir", tmp_path / "b3", "--batch_size", 3) is None
+    one, three = pngs(tmp_path / "b1"), pngs(tmp_path / "b3")
+    assert one.keys() == three.keys()
+    for k in one:  # batched float maths may round a pixel differently, nothing more
+        assert np.abs(one[k].astype(int) - three[k].astype(int)).max() <= 1, k
+
+
+def test_compare_mode_writes_grid_and_table(tmp_path, capsys):
+    names = sorted(SOLVERS)
+    for name in names:
+        solver_yaml(tmp_path, name, steps=6)
+    code = run_main("--solver_config", tmp_path / "solver-configs/treg.yaml", "--compare", ",".join(names),
+                    "--workdir", tmp_path / "cmp", "--limit", 1, "--cfg_guidance", 3.0, "--null_lr", 1e-3)
+    assert code is None
+    sheet = Image.open(tmp_path / "cmp/compare/00000-a photo of a cat.png")
+    assert sheet.width > (len(names) + 2) * 64 and sheet.height > 64
+    table = (tmp_path / "cmp/compare.md").read_text()
+    for name in names:
+        assert f"| {name} |" in table
+        assert (tmp_path / f"cmp/recon/{name}/00000-a photo of a cat.png").exists()
+    assert table in capsys.readouterr().out
+    rows = list(csv.DictReader(open(tmp_path / "cmp/metrics.csv")))
+    assert sorted(r["method"] for r in rows) == names
+    record = json.loads((tmp_path / "cmp/run.json").read_text())
+    assert record["solvers"]["treg"]["null_lr"] == 1e-3 and record["solvers"]["ddim"]["cfg_guidance"] == 3.0
+
+
+def test_two_process_accelerate_run_covers_every_image_once(tmp_path):
+    cfg = solver_yaml(tmp_path, "treg", steps=12)
+    assert run_main("--solver_config", cfg, "--workdir", tmp_path / "single") is None
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "solve.py",
+           *map(str, BASE), "--solver_config", str(cfg), "--workdir", str(tmp_path / "multi")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads((tmp_path / "multi/run.json").read_text())
+    assert sorted(image["index"] for image in record["images"]) == [0, 1, 2, 3]
+    assert {image["process"] for image in record["images"]} == {0, 1}
+    multi, single = pngs(tmp_path / "multi"), pngs(tmp_path / "single")
+    assert multi.keys() == single.keys() and all(np.array_equal(multi[k], single[k]) for k in single)

@@ -1,0 +1,78 @@
+"""Run folders. Each solved image leaves one JSON record (written last, atomically, so it also marks the image as
+complete); records are merged into run.json (settings, per-image results, metric means) and metrics.csv.
+Several processes can write records side by side; one merges them at the end."""
+import csv
+import io
+import json
+import math
+from pathlib import Path
+
+from treg.images import atomic_write
+
+RECORDS = "records"
+COLUMNS = ("index", "path", "method", "residual", "noise_floor", "wall_seconds", "nfe", "peak_memory_mb")
+
+
+def write_json(path, data):
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2)))
+
+
+def record_path(workdir, index):
+    return Path(workdir) / RECORDS / f"{index:05d}.json"
+
+
+def read_records(workdir):
+    return [json.loads(p.read_text()) for p in sorted((Path(workdir) / RECORDS).glob("*.json"))]
+
+
+def _mean(values):
+    finite = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else None
+
+
+def rows(records):
+    """One flat dict per (image, method): the columns of metrics.csv."""
+    out = []
+    for record in records:
+        for method, result in record["results"].items():
+            row = {"index": record["index"], "path": record["path"], "method": method,
+                   "residual": result["residual"], "noise_floor": result["noise_floor"],
+                   "wall_seconds": result["wall_seconds"], "nfe": result["calls"].get("unet", 0),
+                   "peak_memory_mb": result["peak_memory_mb"]}
+            out.append({**row, **result["metrics"]})
+    return out
+
+
+def means(table):
+    """{method: {column: mean over images}} for every numeric column."""
+    out = {}
+    for method in dict.fromkeys(r["method"] for r in table):
+        mine = [r for r in table if r["method"] == method]
+        keys = [k for k in mine[0] if k not in ("index", "path", "method")]
+        out[method] = {k: _mean([r.get(k) for r in mine]) for k in keys}
+        out[method]["images"] = len(mine)
+    return out
+
+
+def merge(workdir, header):
+    """Write run.json (header + records + means) and metrics.csv from the records in `workdir`; return the means."""
+    workdir = Path(workdir)
+    records = read_records(workdir)
+    table = rows(records)
+    summary = means(table) if table else {}
+    write_json(workdir / "run.json", {**header, "images": records, "metrics_mean": summary})
+    columns = list(COLUMNS) + sorted({k for r in table for k in r} - set(COLUMNS))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(table)
+    atomic_write(workdir / "metrics.csv", lambda tmp: Path(tmp).write_text(buffer.getvalue()))
+    return summary
+
+
+def markdown_table(summary, columns):
+    """A markdown table with one row per method and the given mean columns."""
+    fmt = lambda v: "–" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+    lines = ["| method | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    lines += [f"| {m} | " + " | ".join(fmt(s.get(c)) for c in columns) + " |" for m, s in summary.items()]
+    return "\n".join(lines)
