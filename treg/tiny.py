@@ -36,10 +36,12 @@ def write_tokenizer_files(folder):
 def build_tiny_sd(folder, seed=0):
     """Write a tiny SD folder (vae, unet, text_encoder, tokenizer, scheduler, image_encoder) and return its path."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers.utils import logging as transformers_logging
     from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTokenizer, CLIPVisionConfig,
                               CLIPVisionModelWithProjection)
 
     folder = Path(folder)
+    transformers_logging.disable_progress_bar()
     with tempfile.TemporaryDirectory() as files:
         write_tokenizer_files(files)
         tokenizer = CLIPTokenizer.from_pretrained(files, model_max_length=77)
