@@ -9,10 +9,11 @@ with `y` the (B, ...) measurement of `op`, `c`/`uc` the prompt and null-prompt e
 Solvers do no I/O. The loops share the small helpers in treg.diffusion and treg.linalg, not a base class.
 """
 import dataclasses
+import math
 
 import torch
 
-from treg.diffusion import cfg as guided_eps, ddim_step, randn, schedule, tweedie
+from treg.diffusion import cfg as guided_eps, ddim_step, randn, schedule, timesteps, tweedie
 from treg.linalg import prox
 
 
@@ -29,16 +30,21 @@ def residual_norm(op, y, x):
     return (y - op.A(x)).flatten(1).norm(dim=1)
 
 
-def dps_gradient(prior, op, y, z, t, a, eps_fn):
-    """ε̂, ẑ0 and ∇_z Σ_b ‖y_b − A D(ẑ0(z_b))‖₂ (latent DPS, Chung et al. 2023): the gradient flows through the
-    noise prediction and the VAE decoder. The norm is not squared, as in the DPS and official TReg code."""
+def tweedie_gradient(prior, z, a, eps_fn, loss_fn):
+    """ε̂, ẑ0 and ∇_z Σ_b loss_fn(ẑ0, D(ẑ0))_b for a per-image loss (B,): the gradient flows through the noise
+    prediction `eps_fn(z)` and the VAE decoder. The shared core of DPS, PSLD and P2L."""
     with torch.enable_grad():
         z = z.detach().requires_grad_()
         eps = eps_fn(z)
         z0 = tweedie(z, eps, a)
-        loss = residual_norm(op, y, prior.decode(z0)).sum()
-        grad, = torch.autograd.grad(loss, z)
+        grad, = torch.autograd.grad(loss_fn(z0, prior.decode(z0)).sum(), z)
     return eps.detach(), z0.detach(), grad
+
+
+def dps_gradient(prior, op, y, z, t, a, eps_fn):
+    """ε̂, ẑ0 and ∇_z Σ_b ‖y_b − A D(ẑ0(z_b))‖₂ (latent DPS, Chung et al. 2023): the gradient flows through the
+    noise prediction and the VAE decoder. The norm is not squared, as in the DPS and official TReg code."""
+    return tweedie_gradient(prior, z, a, eps_fn, lambda z0, x0: residual_norm(op, y, x0))
 
 
 @dataclasses.dataclass
@@ -133,7 +139,169 @@ def treg(prior, op, y, cfg, *, c, uc, generator=None, callback=None):
     return prior.decode(z0)
 
 
+@dataclasses.dataclass
+class DPSConfig:
+    """Latent DPS: DPS (Chung et al., ICLR 2023) in SD's latent space, the "Latent-DPS" baseline of PSLD and TReg."""
+    steps: int = 200               # DDIM steps, as every solver of the official TReg code
+    cfg_guidance: float = 0.0      # w; 0 = null prompt only (TReg's DPS branch), 1 = conditional only
+    official_shift: bool = True    # TReg's ᾱ_{t-1} indexing (see treg.diffusion.schedule)
+    step_size: float = 1.0         # ζ in z ← z' − ζ·∇‖y − A D(ẑ0)‖ (unit step: PSLD's ω = 1 with γ = 0)
+
+
+@torch.no_grad()
+def dps(prior, op, y, cfg, *, c, uc, generator=None, callback=None):
+    z, c, uc = _start(prior, op, y, c, uc, generator)
+    for i, (t, a, a_prev) in enumerate(schedule(prior.alphas_cumprod, cfg.steps, cfg.official_shift)):
+        # 1. ε̂ (CFG) and the Tweedie estimate ẑ0, with ∇_z ‖y − A D(ẑ0)‖ through the UNet and the decoder
+        eps_fn = lambda z_: guided_eps(prior, z_, t, uc, c, cfg.cfg_guidance)
+        eps, z0, grad = dps_gradient(prior, op, y, z, t, a, eps_fn)
+        # 2. DDIM step (η = 0), then the measurement-guidance step
+        z = ddim_step(z0, eps, a_prev) - cfg.step_size * grad
+        if callback:
+            callback({"i": i, "steps": cfg.steps, "t": t, "z0": z0})
+    return prior.decode(z0)
+
+
+@dataclasses.dataclass
+class PSLDConfig:
+    """PSLD (Rout et al., NeurIPS 2023): latent DPS plus a "gluing" term that keeps ẑ0 a fixed point of
+    encode∘(project onto {A x = y})∘decode. With γ = 0 it is `dps` with step_size = ω."""
+    steps: int = 200               # DDIM steps (official TReg psld.yaml; the PSLD repo defaults to 1000)
+    cfg_guidance: float = 4.0      # w; the official TReg CLI default, passed to PSLD too ("PSLD+CFG")
+    official_shift: bool = True    # TReg's ᾱ_{t-1} indexing (see treg.diffusion.schedule)
+    omega: float = 1.0             # ω, weight of ‖y − A D(ẑ0)‖ (official TReg file and PSLD repo)
+    gamma: float = 0.5             # γ, weight of the gluing norm (official TReg file; the PSLD repo CLI has 0.1)
+
+
+@torch.no_grad()
+def psld(prior, op, y, cfg, *, c, uc, generator=None, callback=None):
+    z, c, uc = _start(prior, op, y, c, uc, generator)
+
+    def psld_loss(z0, x0):
+        # ω‖y − A D(ẑ0)‖ + γ‖ẑ0 − E(A⁺y + (I − A⁺A) D(ẑ0))‖ per image, with A⁺y + (I − A⁺A)x = x + A⁺(y − A x).
+        # The paper's projection uses A⁺ (Aᵀ only where A Aᵀ = I, e.g. inpainting); E is the prior's encoder.
+        glued = prior.encode(x0 + op.pinv(y - op.A(x0)), generator)
+        return cfg.omega * residual_norm(op, y, x0) + cfg.gamma * (z0 - glued).flatten(1).norm(dim=1)
+
+    for i, (t, a, a_prev) in enumerate(schedule(prior.alphas_cumprod, cfg.steps, cfg.official_shift)):
+        # 1. ε̂ (CFG), ẑ0 and the gradient of the PSLD loss through the UNet, the decoder and the encoder
+        eps_fn = lambda z_: guided_eps(prior, z_, t, uc, c, cfg.cfg_guidance)
+        eps, z0, grad = tweedie_gradient(prior, z, a, eps_fn, psld_loss)
+        # 2. DDIM step (η = 0) minus the gradient, unit step size as in the PSLD and official TReg code
+        z = ddim_step(z0, eps, a_prev) - grad
+        if callback:
+            callback({"i": i, "steps": cfg.steps, "t": t, "z0": z0})
+    return prior.decode(z0)
+
+
+@dataclasses.dataclass
+class P2LConfig:
+    """P2L (Chung, Ye, Milanfar, Delbracio 2024) as re-implemented in the official TReg code: the prompt embedding
+    c is tuned by Adam at every step to fit y, then a latent DPS step uses the tuned prompt."""
+    steps: int = 200               # DDIM steps (official TReg p2l.yaml)
+    cfg_guidance: float = 1.0      # w of the DPS step; 1 = tuned prompt only (default of P2LSolver.sample)
+    official_shift: bool = True    # TReg's ᾱ_{t-1} indexing (see treg.diffusion.schedule)
+    prompt_lr: float = 1e-4        # Adam learning rate on c (official TReg code)
+    prompt_iters: int = 1          # Adam steps on c per timestep (official TReg code)
+    step_size: float = 1.0         # DPS step ζ (official TReg code: unit step)
+
+
+@torch.no_grad()
+def p2l(prior, op, y, cfg, *, c, uc, generator=None, callback=None):
+    z, c, uc = _start(prior, op, y, c, uc, generator)
+    c = c.clone().requires_grad_()  # one prompt per image, trained over the whole solve with one Adam state
+    opt = torch.optim.Adam([c], lr=cfg.prompt_lr)
+    for i, (t, a, a_prev) in enumerate(schedule(prior.alphas_cumprod, cfg.steps, cfg.official_shift)):
+        # 1. prompt tuning: Adam on c for Σ_b ‖y_b − A D(ẑ0(z_t; c_b))‖², conditional prediction (w = 1), z_t fixed
+        #    (the official code takes the MSE, a mean: the same Adam steps up to Adam's ε, but batch-dependent)
+        with torch.enable_grad():
+            for _ in range(cfg.prompt_iters):
+                fit = residual_norm(op, y, prior.decode(tweedie(z, prior.eps(z, t, c), a))).pow(2).sum()
+                opt.zero_grad()
+                fit.backward()
+                opt.step()
+        tuned = c.detach().clone()
+        # 2. latent DPS step with the tuned prompt
+        eps_fn = lambda z_: guided_eps(prior, z_, t, uc, tuned, cfg.cfg_guidance)
+        eps, z0, grad = dps_gradient(prior, op, y, z, t, a, eps_fn)
+        z_t, z = z, ddim_step(z0, eps, a_prev) - cfg.step_size * grad
+        if callback:
+            callback({"i": i, "steps": cfg.steps, "t": t, "z0": z0, "z": z_t, "c": tuned})
+    return prior.decode(z0)
+
+
+# RED-diff's SNR weightings g(s) of s = √(1−ᾱ)/√ᾱ = 1/√SNR (the official `denoise_term_weight` options)
+WEIGHTINGS = {
+    "linear": lambda s: s,
+    "sqrt": lambda s: s ** 0.5,
+    "square": lambda s: s ** 2,
+    "log": lambda s: math.log1p(s),
+    "trunc_linear": lambda s: min(s, 1.0),
+    "power2over3": lambda s: s ** (2 / 3),
+    "const": lambda s: 1.0,
+}
+
+
+def snr_weight(a, weighting):
+    """RED-diff's w(t) = g(√(1−ᾱ)/√ᾱ); with "linear", λ·w·(ε̂ − ε) = λ·(z − ẑ0(z_t)) (the RED identity)."""
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"unknown weighting {weighting!r}; choose one of: {', '.join(WEIGHTINGS)}")
+    return WEIGHTINGS[weighting](((1 - a) / a) ** 0.5)
+
+
+@dataclasses.dataclass
+class REDDiffConfig:
+    """Latent RED-diff with text (Mardani et al., ICLR 2024; latent form as in RLSD, Zilberstein et al., ICLR 2025).
+
+    Adam on the clean latent z, one step per timestep of a descending sweep, on the per-image loss
+        ½‖y − A D(z)‖² + λ·w(t)·⟨sg(ε̂(z_t) − ε), z⟩,   z_t = √ᾱ_t z + √(1−ᾱ_t) ε,  ε ~ N(0, I) fresh every step.
+    Normalisation: both terms are SUMS over each image's elements (and per-image losses are summed over the batch),
+    so λ means the same for every task and size. The official code takes means (data: over the M measured values,
+    prior: over the N latent values), which is λ_sum = λ_mean·M/N; the default converts RLSD's λ_mean = 0.1 at
+    TReg's headline task, ×16 SR at 512² (M = 3·32², N = 4·64²): 0.1·3072/16384 = 0.01875.
+    Timesteps: SD's DDIM grid (treg.diffusion.timesteps: 996, 991, …, 1 for 200 steps, as RLSD's
+    `set_timesteps(200)`), with the unshifted ᾱ_t = alphas_cumprod[t] for the noising and the UNet's t.
+    """
+    steps: int = 200               # timesteps swept (RLSD: 200; RED-diff pixel code: 50–1000)
+    cfg_guidance: float = 1.0      # w of ε̂; 1 = conditional prediction only (RLSD: empty prompt, no CFG)
+    lam: float = 0.01875           # λ for summed losses (RLSD's w_t = 0.1 for means, converted above)
+    lr: float = 0.2                # Adam learning rate on z (RLSD lr_z = 0.2)
+    weighting: str = "linear"      # g in w(t) = g(√(1−ᾱ)/√ᾱ), a key of WEIGHTINGS (RED-diff's default: linear)
+
+
+@torch.no_grad()
+def reddiff(prior, op, y, cfg, *, c, uc, generator=None, callback=None):
+    snr_weight(1.0, cfg.weighting)  # fail on an unknown weighting before any work
+    b = y.shape[0]
+    c, uc = c.expand(b, -1, -1), uc.expand(b, -1, -1)
+    # 0. initialise at the encoded pseudo-inverse, z = E(A⁺y); Adam as in RED-diff (betas 0.9, 0.99)
+    z = prior.encode(op.pinv(y), generator).clone().requires_grad_()
+    opt = torch.optim.Adam([z], lr=cfg.lr, betas=(0.9, 0.99))
+    for i, t in enumerate(timesteps(cfg.steps, len(prior.alphas_cumprod))):
+        a = prior.alphas_cumprod[t].item()
+        # 1. diffuse the current estimate with fresh noise: z_t = √ᾱ z + √(1−ᾱ) ε
+        noise = randn(z.shape, generator, z.device).to(z)
+        z_t = a ** 0.5 * z + (1 - a) ** 0.5 * noise
+        # 2. text-conditioned noise prediction, no gradient (no backprop through the UNet)
+        eps = guided_eps(prior, z_t, t, uc, c, cfg.cfg_guidance)
+        # 3. one Adam step on ½‖y − A D(z)‖² + λ·w(t)·⟨ε̂ − ε, z⟩; the gradient flows through A and the decoder
+        with torch.enable_grad():
+            fit = 0.5 * residual_norm(op, y, prior.decode(z)) ** 2
+            reg = ((eps - noise) * z).flatten(1).sum(1)
+            loss = (fit + cfg.lam * snr_weight(a, cfg.weighting) * reg).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        if callback:
+            callback({"i": i, "steps": cfg.steps, "t": t, "z0": z.detach().clone()})
+    return prior.decode(z.detach())
+
+
 SOLVERS = {
     "ddim": (ddim, DDIMConfig),
     "treg": (treg, TRegConfig),
+    "dps": (dps, DPSConfig),
+    "psld": (psld, PSLDConfig),
+    "p2l": (p2l, P2LConfig),
+    "reddiff": (reddiff, REDDiffConfig),
 }
