@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from treg.analytic import SAMPLES, AnalyticPrior, load_image
+from treg.operators import build_operator
 from treg.posterior import ambiguous_prior, exact_posterior, landed_component, linear_map, sample
 
 NULL_PROMPT = "out of focus, depth of field"
@@ -92,24 +93,89 @@ def test_eps_is_the_scaled_score_of_the_noised_mixture():
 
 def test_caption_prompts_pick_their_component_and_null_prompts_do_not():
     prior = AnalyticPrior.from_folder()
-    assert len(prior.captions) == 4
-    e = prior.embed(prior.captions + ["", NULL_PROMPT])
+    captions = list(dict.fromkeys(prior.captions))
+    assert len(captions) == 4 and len(prior.captions) == 16  # one component per (low-resolution image, detail)
+    assert prior.pairs == [(i, k) for i in range(4) for k in range(4)]
+    assert prior.captions == [captions[k] for _, k in prior.pairs]
+    e = prior.embed(captions + ["", NULL_PROMPT])
     assert e.shape == (6, 77, 768)
-    torch.testing.assert_close(prior.embed(prior.captions), e[:4])  # deterministic
+    torch.testing.assert_close(prior.embed(captions), e[:4])  # deterministic
     pi = prior.log_weights(e).exp()
-    assert (pi[:4].diagonal() >= 0.9).all()
-    torch.testing.assert_close(pi[4], torch.full((4,), 0.25))
-    assert (pi[5] - 0.25).abs().max() < 0.1
+    per_caption = pi.view(6, 4, 4).sum(1)  # summed over the low-resolution groups, which text does not choose
+    torch.testing.assert_close(pi.view(6, 4, 4), per_caption[:, None].expand(6, 4, 4) / 4)  # uniform over groups
+    assert (per_caption[:4].diagonal() >= 0.9).all()
+    torch.testing.assert_close(pi[4], torch.full((16,), 1 / 16))
+    assert (per_caption[5] - 0.25).abs().max() < 0.1
 
 
 def test_image_features_point_to_the_images_own_caption():
     prior = AnalyticPrior.from_folder()
-    x = torch.cat([load_image(SAMPLES / name, 32) for name in ("cat.jpg", "coffee.jpg", "astronaut.jpg", "rocket.jpg")])
+    names = ("cat.jpg", "coffee.jpg", "astronaut.jpg", "rocket.jpg")
+    x = torch.cat([load_image(SAMPLES / name, 32) for name in names])
     x = x + 0.3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(4))
     f = prior.image_features(x)
     assert f.shape == (4, 768)
     cos = F.normalize(f, dim=-1) @ prior.caption_embeddings.T
-    assert cos.argmax(1).tolist() == [0, 1, 2, 3]
+    assert [prior.captions[k] for k in cos.argmax(1)] == prior.captions[:4]
+
+
+def sr16(size):
+    return build_operator("super_resolution", size, scale=16)
+
+
+def test_default_components_share_the_sr16_measurement_and_differ_in_detail():
+    prior = AnalyticPrior.from_folder()
+    mu = prior.means(8, 8).double()  # 64 px: SR×16 measures 4×4 pixels
+    assert mu.shape == (16, 4, 8, 8) and prior.shared_scales[(8, 8)] == 16
+    op = sr16(64).double()
+    x = torch.cat([load_image(p, 64) for p in prior.image_paths]).double()
+    seen = op.A(prior.decode(mu)).view(4, 4, 3, 4, 4)  # (group i, detail k, ...)
+    # every component of group i is measured exactly as image i ...
+    torch.testing.assert_close(seen, op.A(x)[:, None].expand_as(seen), rtol=0, atol=1e-6 * op.A(x).abs().max().item())
+    # ... the groups are told apart by the measurement, and within a group the details differ by many s
+    assert (torch.cdist(seen[:, 0].flatten(1), seen[:, 0].flatten(1)) + 1e9 * torch.eye(4)).min() > 1
+    for i in range(4):
+        group = mu[4 * i:4 * i + 4].flatten(1)
+        assert (torch.cdist(group, group) + 1e9 * torch.eye(4)).min() > 10 * prior.std
+    # component (k, k) is image k up to what the decoder cannot represent: much nearer than the other details
+    enc = prior.encode(x)
+    near = torch.stack([(mu[5 * k] - enc[k]).norm() for k in range(4)])
+    far = torch.stack([(mu[4 * k + j] - enc[k]).norm() for k in range(4) for j in range(4) if j != k])
+    assert near.max() < 0.25 * far.min()
+
+
+def test_sr16_measurement_leaves_the_choice_of_detail_to_the_text():
+    prior = AnalyticPrior.from_folder()
+    op, sigma = sr16(64), 0.01
+    g = torch.Generator().manual_seed(10)
+    y = op.A(load_image(SAMPLES / "cat.jpg", 64)).double()
+    y = y + sigma * torch.randn(y.shape, generator=g, dtype=y.dtype)
+    for prompt in ["a cup of coffee", "a photo of a cat", NULL_PROMPT]:
+        post = exact_posterior(prior, op, y, prompt, sigma)
+        w = post.log_weights.exp().view(4, 4)
+        assert w[0].sum() > 0.999  # the measurement picks the cat's low-resolution group ...
+        pi = prior.log_weights(prior.embed([prompt]))[0].double().exp().view(4, 4)[0]
+        torch.testing.assert_close(w[0], pi / pi.sum(), rtol=0, atol=1e-3)  # ... and the text the detail
+    k, _ = landed_component(prior, sample(post, 1, g), post)
+    assert prior.pairs[k.item()][0] == 0
+
+
+def test_shared_scale_falls_back_where_x16_does_not_fit():
+    prior = AnalyticPrior.from_folder()
+    assert prior.means(4, 4).shape == (16, 4, 4, 4) and prior.shared_scales[(4, 4)] == 16  # 32 px: 2×2 pixels
+    mu = prior.means(5, 5).double()  # 40 px: ×16 does not divide it, ×8 does
+    assert prior.shared_scales[(5, 5)] == 8
+    op = build_operator("super_resolution", 40, scale=8).double()
+    seen = op.A(prior.decode(mu)).view(4, 4, -1)
+    assert (seen - seen[:, :1]).abs().max() < 1e-6
+    mu = prior.means(4, 6)  # not square: plain image means, one per detail in every group
+    assert prior.shared_scales[(4, 6)] is None
+    x = torch.cat([load_image(p, 32, 48) for p in prior.image_paths])
+    torch.testing.assert_close(mu, prior.encode(x).repeat(4, 1, 1, 1))
+    assert prior.means(5, 5) is prior.means(5, 5)  # cached per size
+    plain = AnalyticPrior(prior.captions[:4], image_paths=prior.image_paths)  # without shared_scale: the images
+    images = torch.cat([load_image(p, 32) for p in prior.image_paths])
+    torch.testing.assert_close(plain.means(4, 4), prior.encode(images))
 
 
 def _dense(forward, n=4):

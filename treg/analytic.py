@@ -10,11 +10,35 @@ exactly and decode's true adjoint is g·Uᵀ = g²·encode (`decode_adjoint`). T
 g = 8 makes a latent a per-pixel amplitude (a grey patch of value m has z₀ = √3·m), so latents of natural images
 are of order one like SD's 0.18215-scaled latents (channel stds 0.71, 0.37, 0.09, 0.11 for the samples at 512²).
 
-Prior. z0 ~ Σ_k π_k(e) N(μ_k, s²I), one component per captioned image, μ_k = encode(image_k) at the requested size;
-s = 0.1 latent units keeps the components far apart: ‖μ_j − μ_k‖/s ≥ 28 for the samples at 32², ≥ 600 at 512².
+Prior. z0 ~ Σ_k π_k(e) N(μ_k, s²I) with s = `std` latent units (0.1 by default, 0.03 for `from_folder`).
 The forward process keeps a mixture, z_t ~ Σ_k π_k N(√ᾱ μ_k, v I) with v = ᾱs² + 1 − ᾱ, hence
     ε̂(z_t) = −√(1−ᾱ)·∇log p_t(z_t) = √(1−ᾱ)/v · (z_t − √ᾱ Σ_k r_k μ_k),   r_k ∝ π_k N(z_t; √ᾱ μ_k, v I),
 which is (z_t − √ᾱ E[z0|z_t]) / √(1−ᾱ) with E[z0|z_t, k] = μ_k + (√ᾱ s²/v)(z_t − √ᾱ μ_k).
+
+Components (`from_folder`: components that only the text can choose under ×16 super-resolution). With one
+component per image, μ_k = encode(image_k), the components are far apart in every direction: any measurement, even
+SR×16, identifies its image and the prompt changes nothing. So, at each latent size h×w, with M = A∘decode,
+A = ×16 bicubic SR at 8h×8w pixels, N = I − M⁺M the projector onto M's null space, and images x_1..x_K,
+    μ_(i,k) = M⁺(A x_i) + N·encode(x_k),     one component per pair (i, k), captioned with caption k:
+the low-resolution content of image i (exactly what SR×16 measures of it: M μ_(i,k) = A x_i) plus the detail of
+image k that SR×16 cannot see (edges, texture and colour below the 16-pixel scale). μ_(k,k) is image k up to
+the part of it outside the decoder's range. Measuring image i by SR×16 thus selects the low-resolution group i
+and leaves the K details exactly ambiguous: the exact posterior weights within the group equal the text weights
+π(e), and each posterior mean is y's content plus a detail. Without text (w = 0; the null prompt weighs the details
+within 0.05 of uniform) a solver lands on a prior-weighted detail, the true prompt restores the true image, and
+another prompt gives an equally measurement-consistent image with another image's detail (the paper's "ice cream →
+Christmas tree"). Why not one shared low-resolution content for all components (μ̄ + N(encode x_k − μ̄))? Then no
+component fits the measurement of a real image, and since s is small, TReg's last, unguided 15% of steps pull the
+solution back to μ̄'s content (SR×16 of cat.jpg at 512², s = 0.1: residual 22× the noise floor).
+M⁺b is the minimum-norm solution of MᵀM u = Mᵀb, found by CG from u = 0 (~25 iterations for all 2K right-hand
+sides, ~0.5 s of one CPU core at 512²; cached per latent size). Blur and inpainting see part of the detail, so
+there the measurement can prefer a component. When ×16 does not divide 8h (×16 at 32 px, a 2×2 measurement, is
+fine) the largest of ×8, ×4 that divides it is used; for a non-square size the components are the plain image
+means, μ_(i,k) = encode(x_k); `shared_scales` records what each size got. `AnalyticPrior(captions, means=...)` uses given means as they are.
+s = 0.03 for `from_folder`: TReg stops data consistency at 85% of its steps and its output keeps about 0.7·s of
+prior noise in every latent direction, visible (pixel noise ≈ 1.15·s) and measured (with README flags, SR×16 of
+cat.jpg at 512²: residual 3.4× the noise floor at s = 0.1, 1.3× at s = 0.03); the details of a group stay
+≥ 40 s apart at 32², ≥ 340 s at 512².
 
 Text. embed(prompt) is a hashed bag of words: every lower-cased word except a few stop words maps to a ±1 vector
 in R^D read from shake_256(word); their sum is unit-normalised and repeated over L = 77 tokens, D = 768 (SD-1.5's
@@ -33,6 +57,8 @@ import torch
 import torch.nn.functional as F
 import yaml
 from PIL import Image
+
+from treg.linalg import conjugate_gradient
 
 PATCH = 8
 GAIN = 8.0
@@ -79,20 +105,30 @@ def word_vector(word):
 class AnalyticPrior:
     """Gaussian-mixture latent prior with a closed-form ε; see the module docstring for the maths.
 
-    Give either `image_paths` (means encoded lazily from the images at each requested latent size) or explicit
-    `means` (K, 4, h, w) (then only that size exists). `std` is s, `beta` the text-weight sharpness β.
+    Give either explicit `means` (K, 4, h, w), used as they are and only at that size (test beds), or
+    `image_paths`, one per caption, whose means are built lazily at each requested latent size: the encoded
+    images, or with `shared_scale` the K² components μ_(i,k) (low resolution of image i under ×shared_scale SR,
+    detail of image k; component index i·K + k, caption k) of the module docstring: built so that an SR×16
+    measurement of a sample fixes its low-resolution content and leaves only the text to choose the detail (with one
+    component per image the measurement alone picks the image and the prompt changes nothing). `std` is s, `beta`
+    the text-weight sharpness β. `captions` and `pairs` list each component's caption and (i, k).
     """
 
     latent_channels = 4
     vae_scale_factor = PATCH
 
-    def __init__(self, captions, *, means=None, image_paths=None, std=0.1, beta=5.0):
+    def __init__(self, captions, *, means=None, image_paths=None, std=0.1, beta=5.0, shared_scale=None):
         if (means is None) == (image_paths is None):
             raise ValueError("give exactly one of `means` or `image_paths`")
         count = len(means) if means is not None else len(image_paths)
         if len(captions) != count:
-            raise ValueError(f"{len(captions)} captions for {count} components")
-        self.captions, self.std, self.beta = list(captions), std, beta
+            raise ValueError(f"{len(captions)} captions for {count} {'components' if means is not None else 'images'}")
+        if shared_scale is not None and image_paths is None:
+            raise ValueError("shared_scale needs `image_paths` (explicit means are used as given)")
+        self.std, self.beta, self.shared_scale = std, beta, shared_scale
+        self.pairs = [(i, k) for i in range(count) for k in range(count)] if shared_scale else None
+        self.captions = [captions[k] for _, k in self.pairs] if shared_scale else list(captions)
+        self.shared_scales = {}  # latent size → the SR scale its components share (None: plain image means)
         self.image_paths = None if image_paths is None else [Path(p) for p in image_paths]
         self.device = torch.device("cpu")
         self.alphas_cumprod = sd15_alphas_cumprod()
@@ -101,11 +137,12 @@ class AnalyticPrior:
         self._means = {} if means is None else {tuple(means.shape[-2:]): means.detach().clone()}
 
     @classmethod
-    def from_folder(cls, folder=SAMPLES, **kwargs):
-        """One component per entry of `folder/captions.yaml` (file name → caption)."""
+    def from_folder(cls, folder=SAMPLES, shared_scale=16, std=0.03, **kwargs):
+        """Components from the images of `folder/captions.yaml` (file name → caption), sharing ×16 SR content."""
         folder = Path(folder)
         captions = yaml.safe_load((folder / "captions.yaml").read_text())
-        return cls(list(captions.values()), image_paths=[folder / name for name in captions], **kwargs)
+        return cls(list(captions.values()), image_paths=[folder / name for name in captions],
+                   shared_scale=shared_scale, std=std, **kwargs)
 
     def to(self, device):
         self.device = torch.device(device)
@@ -150,13 +187,45 @@ class AnalyticPrior:
 
     # mixture
     def means(self, h, w):
-        """μ (K, 4, h, w): the encoded images at 8h × 8w pixels, computed once per latent size."""
+        """μ (K, 4, h, w) at 8h × 8w pixels, computed once per latent size (see the class docstring)."""
         if (h, w) not in self._means:
             if self.image_paths is None:
                 raise ValueError(f"this prior has means only at latent sizes {list(self._means)}, not {(h, w)}")
-            x = torch.cat([load_image(p, PATCH * h, PATCH * w) for p in self.image_paths])
-            self._means[(h, w)] = self.encode(x.to(self.device))
+            x = torch.cat([load_image(p, PATCH * h, PATCH * w) for p in self.image_paths]).to(self.device)
+            mu = self.encode(x)
+            scale = self._shared_scale(h, w)
+            if scale is not None:
+                low, detail = self._split(x, mu, scale)
+                mu = (low[:, None] + detail[None]).flatten(0, 1).to(mu.dtype)  # (K·K, 4, h, w), index i·K + k
+            elif self.pairs is not None:
+                mu = mu[[k for _, k in self.pairs]]
+            self.shared_scales[(h, w)] = scale
+            self._means[(h, w)] = mu
         return self._means[(h, w)]
+
+    def _shared_scale(self, h, w):
+        """The largest SR scale ≤ shared_scale dividing the (square) image size 8h, or None."""
+        from treg.operators import SuperResolution
+        if self.shared_scale is None or h != w:
+            return None
+        return max((s for s in SuperResolution.scales if s <= self.shared_scale and (PATCH * h) % s == 0),
+                   default=None)
+
+    def _split(self, x, mu, scale, cg_iters=200, cg_rtol=1e-10):
+        """(M⁺A x, N μ) in float64 for M = A∘decode, A = ×scale SR: M⁺b is the minimum-norm solution of
+        MᵀM u = Mᵀb, which CG from u = 0 finds (its iterates stay in range(Mᵀ)); N μ = μ − M⁺(Mμ)."""
+        from treg.operators import build_operator
+        op = build_operator("super_resolution", x.shape[-1], scale=scale).to(x.device).double()
+        # A X = m X mᵀ per colour and decode is per 8×8 patch, so M and Mᵀ contract the latent with m and the
+        # patch basis directly, never forming the image (15× faster than op.A(decode(z)); equal to 1e-15)
+        m, basis = op.matrix.view(-1, mu.shape[-2], PATCH), self.basis.to(op.matrix)  # (H/s, h, 8), (3, 8, 8, 4)
+        forward = lambda z: GAIN * torch.einsum("rhp,cpqk,bkhw,swq->bcrs", m, basis, z, m)
+        adjoint = lambda y: GAIN * torch.einsum("rhp,cpqk,bcrs,swq->bkhw", m, basis, y, m)
+        normal = lambda u: adjoint(forward(u))
+        b = adjoint(torch.cat([op.A(x.double()), forward(mu.double())]))
+        tol = cg_rtol * b.flatten(1).norm(dim=1).min()
+        u = conjugate_gradient(normal, b, torch.zeros_like(b), cg_iters, tol)
+        return u[:len(x)], mu.double() - u[len(x):]
 
     def _log_joint(self, z, a, e):
         """log π_k + log N(z; √ᾱ μ_k, v I), (B, K), with v = ᾱs² + 1 − ᾱ; also μ and v. ᾱ = 1 is the clean prior."""
