@@ -93,17 +93,29 @@ def save_image(x, path):
     atomic_write(path, lambda tmp: Image.fromarray(to_uint8(x)).save(tmp, format="PNG"))
 
 
-def grid(rows, labels=None, pad=4):
-    """A PIL image tiling `rows` (a list of lists of (3,H,W) tensors of one size) with optional column labels."""
-    from PIL import ImageDraw
+def grid(rows, labels=None, pad=4, font_size=None):
+    """A PIL image tiling `rows` (a list of lists of (3,H,W) tensors of one size) with optional column labels.
+
+    By default labels use PIL's small bitmap font, cut to the tile width; with `font_size` they use a scalable font
+    of that size and may span several lines ("\n"), the label band growing to fit.
+    """
+    from PIL import ImageDraw, ImageFont
 
     h, w = rows[0][0].shape[-2:]
-    top = 16 if labels else 0
+    font = None if font_size is None else ImageFont.load_default(size=font_size)
+    if not labels:
+        top = 0
+    elif font is None:
+        top = 16
+    else:
+        top = max(str(label).count("\n") + 1 for label in labels) * round(1.25 * font_size) + pad
     cols = max(len(r) for r in rows)
     sheet = Image.new("RGB", (cols * (w + pad) + pad, top + len(rows) * (h + pad) + pad), "white")
     draw = ImageDraw.Draw(sheet)
     for j, label in enumerate(labels or []):
-        draw.text((pad + j * (w + pad), 2), str(label)[: max(4, w // 6)], fill="black")
+        text = str(label)[: max(4, w // 6)] if font is None else str(label)
+        spacing = 4 if font is None else round(0.25 * font_size)
+        draw.text((pad + j * (w + pad), 2), text, fill="black", font=font, spacing=spacing)
     for i, row in enumerate(rows):
         for j, x in enumerate(row):
             sheet.paste(Image.fromarray(to_uint8(x)), (pad + j * (w + pad), top + pad + i * (h + pad)))
