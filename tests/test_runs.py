@@ -51,6 +51,10 @@ def test_limit_and_per_image_seeds(tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "all/metrics.csv")))
     assert [r["index"] for r in rows] == ["0", "1", "2", "3"] and all(float(r["psnr"]) > 0 for r in rows)
     record = json.loads((tmp_path / "all/run.json").read_text())
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {oct(p.stat().st_mode & 0o777) for p in (tmp_path / "all").rglob("*") if p.is_file()}
+    assert modes == {oct(0o666 & ~umask)}  # atomic writes keep the usual file mode, not a temp file's 0600
     mean = np.mean([float(r["psnr"]) for r in rows])
     assert record["metrics_mean"]["treg"]["psnr"] == pytest.approx(mean)
 

@@ -1,7 +1,7 @@
 """Image files in and out. Inside the library images are (B,3,H,W) float32 in [-1,1]; only this module and
 metrics.py convert to [0,1] or uint8, always with one fixed mapping (no per-image min-max stretch)."""
 import os
-import tempfile
+import secrets
 import warnings
 from pathlib import Path
 
@@ -78,8 +78,8 @@ def atomic_write(path, write):
     """Call write(tmp_path) and rename into place, so a crash or Ctrl-C never leaves a partial file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
+    # a unique sibling name rather than mkstemp, whose 0600 mode would carry over to the result
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{path.suffix}"
     try:
         write(tmp)
         os.replace(tmp, path)
