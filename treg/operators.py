@@ -153,12 +153,25 @@ def motion_kernel(kernel_size, intensity, seed):
     return torch.from_numpy(kernel / kernel.sum())
 
 
+def fft_size(n):
+    """The smallest 2·3·5-smooth integer ≥ n: FFTs of such sizes are the fast ones (572 → 576)."""
+    while True:
+        m = n
+        for p in (2, 3, 5):
+            while m % p == 0:
+                m //= p
+        if m == 1:
+            return n
+        n += 1
+
+
 class Blur(Operator):
     """y = x ⊛ k restricted to the H×W grid with x = 0 outside (zero boundary, "same" size); k is K×K, K odd.
 
     y[i, j] = Σ_{a,b} k[a, b] x[i + c − a, j + c − b], c = (K−1)/2. Computed as a linear (not circular) convolution by
-    FFTs zero-padded to H+K−1; At is the correlation with k under the same padding and cropping, the exact adjoint.
-    pinv: 50 CG steps on A Aᵀ, then Aᵀ.
+    FFTs zero-padded to a fast size ≥ H+K−1; At is the correlation with k under the same padding and cropping, the
+    exact adjoint. The kernel's spectrum is cached per size, dtype and device. pinv: 50 CG steps on A Aᵀ, then Aᵀ;
+    a Gaussian blur's small singular values make the exact A⁺ explode, so the early stop acts as a regulariser.
     """
 
     def __init__(self, kernel):
@@ -167,12 +180,16 @@ class Blur(Operator):
         if kernel.dim() != 2 or kernel.shape[0] != kernel.shape[1] or kernel.shape[0] % 2 == 0:
             raise ValueError(f"blur kernel must be square with an odd side, got shape {tuple(kernel.shape)}")
         self.register_buffer("kernel", kernel.float())
+        self._spectra = {}
 
     def _kernel_fft(self, x):
-        """(FFT of k at the linear-convolution size (H+K−1, W+K−1), that size)."""
+        """(FFT of k at a fast size ≥ (H+K−1, W+K−1), that size)."""
         pad = self.kernel.shape[-1] - 1
-        size = (x.shape[-2] + pad, x.shape[-1] + pad)
-        return torch.fft.rfft2(self.kernel.to(x), s=size), size
+        size = (fft_size(x.shape[-2] + pad), fft_size(x.shape[-1] + pad))
+        key = (size, x.dtype, x.device)
+        if key not in self._spectra:
+            self._spectra[key] = torch.fft.rfft2(self.kernel.to(x), s=size)
+        return self._spectra[key], size
 
     def A(self, x):
         """(x ⊛ k)[c:c+H, c:c+W] of the full convolution: (B,3,H,W) → (B,3,H,W)."""
@@ -186,7 +203,7 @@ class Blur(Operator):
         kf, size = self._kernel_fft(y)
         c = self.kernel.shape[-1] // 2
         # Embedding y at offset c undoes A's crop; no wrap-around reaches the kept window since k vanishes there.
-        full = torch.fft.irfft2(torch.fft.rfft2(F.pad(y, (c, c, c, c))) * kf.conj(), s=size)
+        full = torch.fft.irfft2(torch.fft.rfft2(F.pad(y, (c, c, c, c)), s=size) * kf.conj(), s=size)
         return full[..., : y.shape[-2], : y.shape[-1]]
 
 
