@@ -2,7 +2,7 @@
 
 Examples (the official TReg README commands run unchanged; --model picks the prior):
 
-    python solve.py --model analytic --task_config configs/task/super-resolution.yaml --img_path samples/cat.jpg \
+    python solve.py --model analytic --task_config configs/task/super-resolution.yaml --img_path samples/cat_1.jpg \
         --null_prompt "out of focus, depth of field" --prompt "a photo of a cat" --cfg_guidance 5.0 --null_lr 1e-3 --use_AN
     python solve.py --task_config configs/task/gauss-deblur.yaml --img_path samples/ --prompt "a photo" \
         --compare treg,dps,psld,p2l,reddiff,ddim --metrics psnr,ssim,lpips,clip
@@ -191,7 +191,7 @@ def run(args, state, header):
             wall = time.perf_counter() - begin
             x_hat = x_hat.clamp(-1, 1)
             outputs[method] = x_hat
-            report = profiler.report(wall)
+            report = profiler.report(wall, len(batch))
             with torch.no_grad():
                 residual = residual_norm(op, y, x_hat)
                 scores = {k: fn(x_hat, x, [args.prompt] * len(batch)) for k, fn in metric_fns.items()}

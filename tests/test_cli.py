@@ -28,7 +28,7 @@ def solver_yaml(tmp_path, name="treg", **changes):
 def test_solve_end_to_end_in_subprocess(task, tiny_sd, tmp_path):
     workdir = tmp_path / "out"
     cmd = [sys.executable, "solve.py", "--model", str(tiny_sd), "--task_config", str(task), "--image_size", "64",
-           "--solver_config", str(solver_yaml(tmp_path, steps=9)), "--img_path", "samples/cat.jpg",
+           "--solver_config", str(solver_yaml(tmp_path, steps=9)), "--img_path", "samples/cat_1.jpg",
            "--null_prompt", "out of focus, depth of field", "--prompt", "a photo of a cat", "--cfg_guidance", "5.0",
            "--null_lr", "1e-3", "--use_AN", "--workdir", str(workdir), "--device", "cpu"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -41,6 +41,7 @@ def test_solve_end_to_end_in_subprocess(task, tiny_sd, tmp_path):
     assert record["solvers"]["treg"]["cfg_guidance"] == 5.0 and record["solvers"]["treg"]["null_lr"] == 1e-3
     result = record["images"][0]["results"]["treg"]
     assert np.isfinite(result["residual"]) and result["calls"]["unet"] == 9 and result["calls"]["clip_image"] == 3
+    assert result["nfe"] == 18  # CFG: two noise predictions per step
     assert set(result["metrics"]) == {"psnr", "ssim"} and record["metrics_mean"]["treg"]["images"] == 1
 
 
@@ -68,7 +69,7 @@ def bad_input_cases(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     sr = ROOT / "configs/task/super-resolution.yaml"
-    cat = ROOT / "samples/cat.jpg"
+    cat = ROOT / "samples/cat_1.jpg"
     return {
         "missing image": (sr, tmp_path / "nope.jpg", "analytic", "image not found"),
         "unreadable image": (sr, not_image, "analytic", "cannot read image"),
@@ -103,7 +104,7 @@ def test_bad_input_in_a_real_process_prints_no_traceback(tmp_path):
 
 def test_flag_for_a_field_the_solver_lacks_is_an_error(tmp_path):
     code = run_main(["--solver_config", ROOT / "configs/solver/ddim.yaml", "--null_lr", 1e-3, "--img_path",
-                     ROOT / "samples/cat.jpg", "--model", "analytic", "--workdir", tmp_path / "out"])
+                     ROOT / "samples/cat_1.jpg", "--model", "analytic", "--workdir", tmp_path / "out"])
     assert "--null_lr does not apply to solver 'ddim'" in code
 
 

@@ -98,6 +98,8 @@ def test_batches_give_the_same_images(tmp_path):
     assert one.keys() == three.keys()
     for k in one:  # batched float maths may round a pixel differently, nothing more
         assert np.abs(one[k].astype(int) - three[k].astype(int)).max() <= 1, k
+    nfe = {b: {row["nfe"] for row in csv.DictReader(open(tmp_path / b / "metrics.csv"))} for b in ("b1", "b3")}
+    assert nfe["b1"] == nfe["b3"] == {"24"}  # per image whatever the batch: 12 steps, 2 predictions each (w = 4)
 
 
 def test_compare_mode_writes_grid_and_table(tmp_path, capsys):

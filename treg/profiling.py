@@ -1,4 +1,4 @@
-"""Wall time per model component, call counts (NFE) and peak memory, measured around the prior and the operator.
+"""Wall time per model component, call counts, NFE and peak memory, measured around the prior and the operator.
 
 The solvers are untouched: `Profiler.wrap` returns proxies that time the named methods and delegate the rest.
 """
@@ -23,7 +23,8 @@ class _Proxy:
 
 
 class Profiler:
-    """Accumulates seconds and calls per component; `reset()` between images, `report(wall)` after each."""
+    """Accumulates seconds and calls per component and the latents the UNet saw; `reset()` before each solve,
+    `report(wall, images)` after it."""
 
     def __init__(self, device):
         self.device = torch.device(device)
@@ -32,6 +33,10 @@ class Profiler:
 
     def reset(self):
         self.seconds, self.calls = defaultdict(float), defaultdict(int)
+        self.latents = 0  # noise predictions: every latent in an eps batch counts one, so CFG counts two
+        for handle in getattr(self, "_handles", []):
+            handle.remove()
+        self._handles = []
         if self.accelerated:
             torch.accelerator.reset_peak_memory_stats(self.device)
 
@@ -47,8 +52,39 @@ class Profiler:
             self._sync()
             self.seconds[label] += time.perf_counter() - start
             self.calls[label] += 1
+            if label == "unet":
+                self.latents += len(args[0])
+            if torch.is_tensor(out) and out.requires_grad:
+                self._time_backward(f"{label}_backward", out, [a for a in args if torch.is_tensor(a) and a.requires_grad])
             return out
         return call
+
+    def _time_backward(self, label, out, inputs):
+        """Time the backward pass through a component: from the moment the gradient reaches its output to the
+        moment the last gradient of its inputs is ready (tensor hooks fire in that order). Each hook removes itself
+        once fired; reset() removes any left on leaf tensors that no backward reached."""
+        mark = []
+
+        def reached_output(grad):
+            self._sync()
+            mark[:] = [time.perf_counter()]
+            self.calls[label] += 1
+
+        def reached_input(handle):
+            def hook(grad):
+                handle[0].remove()
+                if mark:
+                    self._sync()
+                    now = time.perf_counter()
+                    self.seconds[label] += now - mark[0]
+                    mark[0] = now
+            return hook
+
+        self._handles.append(out.register_hook(reached_output))
+        for x in inputs:
+            handle = []
+            handle.append(x.register_hook(reached_input(handle)))
+            self._handles.append(handle[0])
 
     def wrap(self, target, parts):
         """A proxy of `target` whose methods named in `parts` ({method: label}) are timed."""
@@ -61,9 +97,10 @@ class Profiler:
             return torch.accelerator.max_memory_allocated(self.device) / 2 ** 20
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
-    def report(self, wall):
-        """{'seconds': {component: s, ..., 'other': s}, 'calls': {...}, 'peak_memory_mb': ...} for one solve."""
+    def report(self, wall, images):
+        """{'seconds': {component: s, ..., 'other': s}, 'calls': {...}, 'nfe': per image, 'peak_memory_mb': ...}
+        for one solve of `images` images."""
         seconds = {k: round(v, 4) for k, v in sorted(self.seconds.items())}
         seconds["other"] = round(max(wall - sum(self.seconds.values()), 0.0), 4)
-        return {"seconds": seconds, "calls": dict(sorted(self.calls.items())),
+        return {"seconds": seconds, "calls": dict(sorted(self.calls.items())), "nfe": self.latents // images,
                 "peak_memory_mb": round(self.peak_memory_mb(), 1)}

@@ -37,7 +37,7 @@ def rows(records):
         for method, result in record["results"].items():
             row = {"index": record["index"], "path": record["path"], "method": method,
                    "residual": result["residual"], "noise_floor": result["noise_floor"],
-                   "wall_seconds": result["wall_seconds"], "nfe": result["calls"].get("unet", 0),
+                   "wall_seconds": result["wall_seconds"], "nfe": result["nfe"],
                    "peak_memory_mb": result["peak_memory_mb"]}
             out.append({**row, **result["metrics"]})
     return out
