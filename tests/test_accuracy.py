@@ -107,7 +107,7 @@ def solver_yaml(tmp_path, steps):
     return path
 
 
-def run_solve(tmp_path, name, prompt, w, image="samples/cat.jpg"):
+def run_solve(tmp_path, name, prompt, w, image="samples/cat_1.jpg"):
     workdir = tmp_path / name
     argv = ["--model", "analytic", "--task_config", "configs/task/super-resolution.yaml", "--image_size", "64",
             "--solver_config", solver_yaml(tmp_path, 6), "--img_path", image, "--null_prompt", NULL_PROMPT,
@@ -179,7 +179,7 @@ def test_bench_accuracy_end_to_end(tmp_path, monkeypatch, capsys):
 
 
 DEMO = ["solve.py", "--model", "analytic", "--task_config", "configs/task/super-resolution.yaml", "--img_path",
-        "samples/cat.jpg", "--prompt", "a photo of a cat", "--null_prompt", NULL_PROMPT, "--cfg_guidance", "5.0",
+        "samples/cat_1.jpg", "--prompt", "a photo of a cat", "--null_prompt", NULL_PROMPT, "--cfg_guidance", "5.0",
         "--null_lr", "1e-3", "--use_AN"]
 
 

@@ -110,7 +110,7 @@ def test_caption_prompts_pick_their_component_and_null_prompts_do_not():
 
 def test_image_features_point_to_the_images_own_caption():
     prior = AnalyticPrior.from_folder()
-    names = ("cat.jpg", "coffee.jpg", "astronaut.jpg", "rocket.jpg")
+    names = ("cat_1.jpg", "coffee.jpg", "astronaut.jpg", "rocket.jpg")
     x = torch.cat([load_image(SAMPLES / name, 32) for name in names])
     x = x + 0.3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(4))
     f = prior.image_features(x)
@@ -148,7 +148,7 @@ def test_sr16_measurement_leaves_the_choice_of_detail_to_the_text():
     prior = AnalyticPrior.from_folder()
     op, sigma = sr16(64), 0.01
     g = torch.Generator().manual_seed(10)
-    y = op.A(load_image(SAMPLES / "cat.jpg", 64)).double()
+    y = op.A(load_image(SAMPLES / "cat_1.jpg", 64)).double()
     y = y + sigma * torch.randn(y.shape, generator=g, dtype=y.dtype)
     for prompt in ["a cup of coffee", "a photo of a cat", NULL_PROMPT]:
         post = exact_posterior(prior, op, y, prompt, sigma)
@@ -224,7 +224,7 @@ def test_exact_posterior_matches_importance_sampling(op, sigma):
 def test_ambiguous_prior_is_decided_by_the_prompt_alone(op):
     captions = ["a photo of a cat", "a rocket launch", "a cup of coffee on a wooden table"]
     sigma = 0.05
-    prior = ambiguous_prior(op, 32, SAMPLES / "cat.jpg", captions, sigma, generator=torch.Generator().manual_seed(8))
+    prior = ambiguous_prior(op, 32, SAMPLES / "cat_1.jpg", captions, sigma, generator=torch.Generator().manual_seed(8))
     forward, _ = linear_map(prior, op)
     mu = prior.means(4, 4)
     seen = forward(mu)
@@ -248,4 +248,4 @@ def test_ambiguous_prior_is_decided_by_the_prompt_alone(op):
 
 def test_ambiguous_prior_refuses_an_operator_without_null_space():
     with pytest.raises(ValueError, match="null space"):
-        ambiguous_prior(Mask(torch.ones(1, 1, 16, 16)), 16, SAMPLES / "cat.jpg", ["one", "two"], 0.05)
+        ambiguous_prior(Mask(torch.ones(1, 1, 16, 16)), 16, SAMPLES / "cat_1.jpg", ["one", "two"], 0.05)

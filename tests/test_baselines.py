@@ -21,7 +21,7 @@ NULL_PROMPT = "out of focus, depth of field"
 
 def measure(op, size, seed=0, sigma=0.01):
     """y = A x + σ n for the cat sample at `size` px."""
-    x = load_image(ROOT / "samples/cat.jpg", size)
+    x = load_image(ROOT / "samples/cat_1.jpg", size)
     ax = op.A(x)
     return ax + sigma * torch.randn(ax.shape, generator=torch.Generator().manual_seed(seed))
 

@@ -12,7 +12,7 @@ from treg.solvers import SOLVERS, TRegConfig, adaptive_negation, residual_norm, 
 @pytest.fixture(scope="module")
 def problem(tiny_prior):
     op = build_operator("super_resolution", 64, scale=8)
-    x = load_image("samples/cat.jpg", 64)
+    x = load_image("samples/cat_1.jpg", 64)
     g = torch.Generator().manual_seed(0)
     y = op.A(x) + 0.01 * torch.randn(op.A(x).shape, generator=g)
     uc, c = tiny_prior.embed(["out of focus, depth of field", "a photo of a cat"]).chunk(2)

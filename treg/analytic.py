@@ -29,7 +29,7 @@ within 0.05 of uniform) a solver lands on a prior-weighted detail, the true prom
 another prompt gives an equally measurement-consistent image with another image's detail (the paper's "ice cream →
 Christmas tree"). Why not one shared low-resolution content for all components (μ̄ + N(encode x_k − μ̄))? Then no
 component fits the measurement of a real image, and since s is small, TReg's last, unguided 15% of steps pull the
-solution back to μ̄'s content (SR×16 of cat.jpg at 512², s = 0.1: residual 22× the noise floor).
+solution back to μ̄'s content (SR×16 of cat_1.jpg at 512², s = 0.1: residual 22× the noise floor).
 M⁺b is the minimum-norm solution of MᵀM u = Mᵀb, found by CG from u = 0 (~25 iterations for all 2K right-hand
 sides, ~0.5 s of one CPU core at 512²; cached per latent size). Blur and inpainting see part of the detail, so
 there the measurement can prefer a component. When ×16 does not divide 8h (×16 at 32 px, a 2×2 measurement, is
@@ -37,7 +37,7 @@ fine) the largest of ×8, ×4 that divides it is used; for a non-square size the
 means, μ_(i,k) = encode(x_k); `shared_scales` records what each size got. `AnalyticPrior(captions, means=...)` uses given means as they are.
 s = 0.03 for `from_folder`: TReg stops data consistency at 85% of its steps and its output keeps about 0.7·s of
 prior noise in every latent direction, visible (pixel noise ≈ 1.15·s) and measured (with README flags, SR×16 of
-cat.jpg at 512²: residual 3.4× the noise floor at s = 0.1, 1.3× at s = 0.03); the details of a group stay
+cat_1.jpg at 512²: residual 3.4× the noise floor at s = 0.1, 1.3× at s = 0.03); the details of a group stay
 ≥ 40 s apart at 32², ≥ 340 s at 512².
 
 Text. embed(prompt) is a hashed bag of words: every lower-cased word except a few stop words maps to a ±1 vector

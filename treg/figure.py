@@ -2,12 +2,12 @@
 
 Each RUN_DIR is a solve.py workdir (input/, label/, recon/, run.json); the figure shows its image 0, labelled by the
 run's prompt and guidance weight w (run.json: args.prompt and the solver's cfg_guidance). The runs must share the
-measured image. assets/demo.png is made offline, on the analytic prior (SR ×16 of samples/cat.jpg at 512², the
+measured image. assets/demo.png is made offline, on the analytic prior (SR ×16 of samples/cat_1.jpg at 512², the
 official README flags; 10 s to 1 min per run on a 2-core CPU), by:
 
     for run in "w0|0|" "cat|5.0|a photo of a cat" "coffee|5.0|a cup of coffee"; do
         IFS="|" read -r name w prompt <<< "$run"
-        python solve.py --model analytic --task_config configs/task/super-resolution.yaml --img_path samples/cat.jpg \
+        python solve.py --model analytic --task_config configs/task/super-resolution.yaml --img_path samples/cat_1.jpg \
             --null_prompt "out of focus, depth of field" --prompt "$prompt" --cfg_guidance "$w" --null_lr 1e-3 \
             --use_AN --workdir "workdir/demo/$name"
     done
