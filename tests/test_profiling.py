@@ -41,4 +41,4 @@ def test_backward_time_goes_to_the_component_and_nfe_counts_latents():
     assert 0.4 <= report["seconds"]["vae_decode_backward"] < 0.6
     assert report["seconds"]["unet_backward"] < 0.1 and report["seconds"]["other"] < 0.1
     profiler.reset()
-    assert not profiler._handles and not profiler.seconds
+    assert not profiler.seconds and not profiler.latents

@@ -22,6 +22,20 @@ class _Proxy:
         return getattr(self._target, name)
 
 
+class _Mark(torch.autograd.Function):
+    """Identity whose backward calls `callback()` before passing the gradient on."""
+
+    @staticmethod
+    def forward(ctx, x, callback):
+        ctx.callback = callback
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.callback()
+        return grad, None
+
+
 class Profiler:
     """Accumulates seconds and calls per component and the latents the UNet saw; `reset()` before each solve,
     `report(wall, images)` after it."""
@@ -34,9 +48,6 @@ class Profiler:
     def reset(self):
         self.seconds, self.calls = defaultdict(float), defaultdict(int)
         self.latents = 0  # noise predictions: every latent in an eps batch counts one, so CFG counts two
-        for handle in getattr(self, "_handles", []):
-            handle.remove()
-        self._handles = []
         if self.accelerated:
             torch.accelerator.reset_peak_memory_stats(self.device)
 
@@ -45,7 +56,28 @@ class Profiler:
             torch.accelerator.synchronize(self.device)
 
     def _timed(self, label, fn):
+        backward = f"{label}_backward"
+
         def call(*args, **kwargs):
+            # With autograd on, the inputs and the output pass through identity nodes whose backward marks the
+            # moment the gradient enters and leaves this call: the marked inputs are fresh tensors only this call
+            # uses, so their gradient is complete exactly when the backward through the component is.
+            grad_inputs = torch.is_grad_enabled() and any(torch.is_tensor(a) and a.requires_grad for a in args)
+            if grad_inputs:
+                mark = []
+
+                def reached_output():
+                    self._sync()
+                    mark[:] = [time.perf_counter()]
+                    self.calls[backward] += 1
+
+                def reached_input():
+                    self._sync()
+                    now = time.perf_counter()
+                    self.seconds[backward] += now - mark[0]
+                    mark[0] = now  # with several inputs, the last one closes the interval
+
+                args = [_Mark.apply(a, reached_input) if torch.is_tensor(a) and a.requires_grad else a for a in args]
             self._sync()
             start = time.perf_counter()
             out = fn(*args, **kwargs)
@@ -54,37 +86,8 @@ class Profiler:
             self.calls[label] += 1
             if label == "unet":
                 self.latents += len(args[0])
-            if torch.is_tensor(out) and out.requires_grad:
-                self._time_backward(f"{label}_backward", out, [a for a in args if torch.is_tensor(a) and a.requires_grad])
-            return out
+            return _Mark.apply(out, reached_output) if grad_inputs and out.requires_grad else out
         return call
-
-    def _time_backward(self, label, out, inputs):
-        """Time the backward pass through a component: from the moment the gradient reaches its output to the
-        moment the last gradient of its inputs is ready (tensor hooks fire in that order). Each hook removes itself
-        once fired; reset() removes any left on leaf tensors that no backward reached."""
-        mark = []
-
-        def reached_output(grad):
-            self._sync()
-            mark[:] = [time.perf_counter()]
-            self.calls[label] += 1
-
-        def reached_input(handle):
-            def hook(grad):
-                handle[0].remove()
-                if mark:
-                    self._sync()
-                    now = time.perf_counter()
-                    self.seconds[label] += now - mark[0]
-                    mark[0] = now
-            return hook
-
-        self._handles.append(out.register_hook(reached_output))
-        for x in inputs:
-            handle = []
-            handle.append(x.register_hook(reached_input(handle)))
-            self._handles.append(handle[0])
 
     def wrap(self, target, parts):
         """A proxy of `target` whose methods named in `parts` ({method: label}) are timed."""
