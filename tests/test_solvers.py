@@ -81,3 +81,12 @@ def test_batch_of_two_equals_two_single_solves(tiny_prior, problem):
                 generator=[torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)])
     second = treg(tiny_prior, op, y2[1:], cfg, c=c, uc=uc, generator=[torch.Generator().manual_seed(2)])
     assert torch.allclose(both[1:], second, atol=1e-4)
+
+
+def test_prompts_longer_than_77_tokens_are_truncated_with_a_warning(tiny_prior):
+    long = " ".join(["a photo of a cat"] * 40)
+    with pytest.warns(UserWarning, match="truncated to 77"):
+        e = tiny_prior.embed([long, long + " and a dog"])
+    assert e.shape[:2] == (2, 77) and torch.isfinite(e).all()
+    assert torch.allclose(e[0], e[1], atol=1e-5)  # what lies past the 77th token changes nothing
+    assert not torch.allclose(e[0], tiny_prior.embed(["a photo of a dog"])[0], atol=1e-2)
