@@ -47,7 +47,7 @@ def read_run(run):
     try:
         meta = json.loads((run / "run.json").read_text())
         prompt = meta["args"]["prompt"]
-        solvers = meta["solvers"] if "solvers" in meta else {meta["solver"].get("name", "solver"): meta["solver"]}
+        solvers = meta["solvers"]
     except OSError:
         raise RunError(f"{run}: no run.json (not a finished solve.py workdir)") from None
     except (ValueError, KeyError, TypeError, AttributeError) as err:
