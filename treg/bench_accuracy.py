@@ -23,9 +23,9 @@ Columns (means over seeds):
     s/solve       wall time per image (seeds are solved as one batch).
 Solutions are scored as returned, not clamped to [-1, 1]. Blur leaves no latent direction unseen at 64 px (M is
 injective on latents), so there the details lie along the weakest directions, seen in y at ≤ 0.5σ (the posterior
-weights then move slightly with y), and s shrinks to keep them ≥ 20 s apart. The default grid takes ~12 min on one
-CPU core, ~10.5 of them PSLD on the two blur tasks (a 50-step CG pseudo-inverse of the blur, backpropagated, at each
-of 200 steps); ~1 min without it.
+weights then move slightly with y), and s shrinks to keep them ≥ 20 s apart. The default grid takes ~6 min on one
+CPU core, ~5 of them PSLD on motion blur (a 50-step CG pseudo-inverse of the blur, backpropagated, at each of 200
+steps); ~1 min without it.
 
     python -m treg.bench_accuracy                                  # 4 tasks × 3 settings × 5 seeds × every solver
     python -m treg.bench_accuracy --solvers treg,ddim --tasks super-resolution-x8 --seeds 10 \\
