@@ -94,7 +94,10 @@ class StableDiffusion:
 
 def _load(what, cls, source, **kwargs):
     try:
-        return cls.from_pretrained(source, **kwargs)
+        with warnings.catch_warnings():
+            # diffusers passes huggingface_hub an argument it has deprecated; the warning is noise to our users
+            warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
+            return cls.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as err:
         offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") else ""
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
