@@ -51,6 +51,7 @@ from treg.diffusion import randn
 from treg.images import atomic_write
 from treg.operators import build_operator
 from treg.posterior import ExactPosterior, landed_component, linear_map
+from treg.profiling import PRIOR_PARTS, Profiler
 from treg.solvers import SOLVERS, residual_norm
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,20 +60,6 @@ IMAGES = ("cat_1.jpg", "coffee.jpg", "rocket.jpg")
 NULL_PROMPT = "out of focus, depth of field"
 SETTINGS = ("w=0", "true", "other")
 SUPPORT = 1e-3  # posterior weight below which a landing is "off" (inconsistent with y)
-
-
-class Counted:
-    """The prior with `eps` counting its latent evaluations (batch elements): the NFE."""
-
-    def __init__(self, prior):
-        self.prior, self.evals = prior, 0
-
-    def __getattr__(self, name):
-        return getattr(self.prior, name)
-
-    def eps(self, z, t, e):
-        self.evals += z.shape[0]
-        return self.prior.eps(z, t, e)
 
 
 def latent_gram(prior, op, shape):
@@ -212,10 +199,12 @@ def run_task(task_name, args, bar):
                 row["cfg_guidance"] = getattr(cfg, "cfg_guidance", None)
                 for g, state in zip(gens, after_y):
                     g.set_state(state)
-                counted = Counted(prior)
+                profiler = Profiler("cpu")
                 begin = time.perf_counter()
-                x_hat = SOLVERS[name][0](counted, op, y, cfg, c=c, uc=uc, generator=gens)
-                wall = (time.perf_counter() - begin) / len(seeds)
+                x_hat = SOLVERS[name][0](profiler.wrap(prior, PRIOR_PARTS), op, y, cfg, c=c, uc=uc, generator=gens)
+                wall = time.perf_counter() - begin
+                nfe = profiler.report(wall, len(seeds))["nfe"]
+                wall /= len(seeds)
                 if not torch.isfinite(x_hat).all():
                     raise FloatingPointError("non-finite solution")
             except Exception as err:  # one failing solver is a table entry, not the end of the benchmark
@@ -246,7 +235,7 @@ def run_task(task_name, args, bar):
                     "prompt_accuracy": None if setting == "w=0" else _mean(r["hit"] for r in mine),
                     "landed": counts, "expected": expected,
                     "posterior_weight": _mean(r["posterior_weight"] for r in mine),
-                    "rel_l2": _mean(r["rel_l2"] for r in mine), "nfe": counted.evals / len(seeds),
+                    "rel_l2": _mean(r["rel_l2"] for r in mine), "nfe": nfe,
                     "seconds": wall, "seeds": len(seeds)}
             rows.append(row)
             bar.update()
