@@ -1,5 +1,4 @@
 """The analytic prior and its exact posterior, checked against autograd and Monte Carlo. Offline, CPU, seconds."""
-import math
 
 import pytest
 import torch

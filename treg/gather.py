@@ -24,6 +24,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 
 from treg.images import atomic_write
+from treg.runs import fmt, markdown
 
 ARG_SETTINGS = ("task_config", "model", "prompt", "null_prompt", "seed", "img_path")  # CLI args that are settings
 TASK_SETTINGS = ("image_size", "noise_scale")  # resolved task fields that are settings
@@ -45,10 +46,6 @@ def parse_args(argv=None):
 def fail(message):
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
-
-
-def fmt(value, digits=4):
-    return "–" if value is None else f"{value:.{digits}g}" if isinstance(value, float) else str(value)
 
 
 def order(value):
@@ -105,11 +102,6 @@ def split(rows):
 def label(row, keys, with_method, sep="\n"):
     parts = [row["method"]] * with_method + [f"{SHORT.get(k, k)}={fmt(row['settings'].get(k))[:40]}" for k in keys]
     return sep.join(parts)
-
-
-def markdown(header, body):
-    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(fmt(v).replace("|", "\\|") for v in row) + " |" for row in body])
 
 
 def contact_sheet(rows, keys, labels, names, with_method):

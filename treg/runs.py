@@ -70,9 +70,17 @@ def merge(workdir, header):
     return summary
 
 
+def fmt(value, digits=4):
+    """A table cell: '–' for None, `digits` significant digits for floats."""
+    return "–" if value is None else f"{value:.{digits}g}" if isinstance(value, float) else str(value)
+
+
+def markdown(header, body):
+    """A markdown table from a header row and body rows of values."""
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(fmt(v).replace("|", "\\|") for v in row) + " |" for row in body])
+
+
 def markdown_table(summary, columns):
     """A markdown table with one row per method and the given mean columns."""
-    fmt = lambda v: "–" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
-    lines = ["| method | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    lines += [f"| {m} | " + " | ".join(fmt(s.get(c)) for c in columns) + " |" for m, s in summary.items()]
-    return "\n".join(lines)
+    return markdown(["method", *columns], [[m, *(s.get(c) for c in columns)] for m, s in summary.items()])
