@@ -1,5 +1,8 @@
-"""Configs are dataclasses loaded from YAML; an unknown, missing or mistyped key is an error, never ignored."""
+"""Configs are dataclasses loaded from YAML; an unknown, missing, mistyped or out-of-range key is an error, never
+ignored. A field declares its valid range once, next to itself, with `bounded` (numbers) or `one_of` (names);
+`build` checks every field in one place, and every float must be finite."""
 import dataclasses
+import math
 import typing
 from pathlib import Path
 
@@ -10,22 +13,50 @@ class ConfigError(ValueError):
     """A config problem, reported to the user as one line."""
 
 
+def bounded(default=dataclasses.MISSING, low=None, high=None, *, low_open=False):
+    """A dataclass field whose value must lie in [low, high] ((low, high] with `low_open`); None = unbounded.
+    Without a default the field is required."""
+    return dataclasses.field(default=default, metadata={"bounds": (low, high, low_open)})
+
+
+def one_of(default, choices):
+    """A dataclass field whose value must be one of `choices` (any container of names)."""
+    return dataclasses.field(default=default, metadata={"choices": choices})
+
+
+def check_value(value, field, source):
+    """ConfigError unless `value` is finite and within the field's declared bounds or choices."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{source}: '{field.name}' must be a finite number, got {value}")
+    low, high, low_open = field.metadata.get("bounds", (None, None, False))
+    if value is not None and isinstance(value, (int, float)) and (
+            (low is not None and (value <= low if low_open else value < low)) or (high is not None and value > high)):
+        lo = "-∞" if low is None else f"{low:g}"
+        hi = "∞" if high is None else f"{high:g}"
+        raise ConfigError(f"{source}: '{field.name}' must be in {'(' if low_open else '['}{lo}, {hi}], got {value:g}")
+    choices = field.metadata.get("choices")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{source}: '{field.name}' must be one of {', '.join(map(str, choices))}, got {value!r}")
+
+
 @dataclasses.dataclass
 class TaskConfig:
     """A degradation task: y = A(x) + noise_scale·n, with x a (B,3,image_size,image_size) image in [-1,1]."""
-    operator: str            # a key of treg.operators.OPERATORS
-    params: dict             # that operator's keyword arguments
-    noise_scale: float       # measurement noise std, in [-1,1] pixel units
-    image_size: int          # images are resized (shorter side) and centre-cropped to this size
+    operator: str                                     # a key of treg.operators.OPERATORS
+    params: dict                                      # that operator's keyword arguments
+    noise_scale: float = bounded(low=0.0, high=10.0)  # measurement noise std, in [-1,1] pixel units
+    image_size: int = bounded(low=8, high=8192)       # images are resized (shorter side) and centre-cropped to this
 
 
 def read_yaml(path):
     """A YAML mapping from `path`, or a ConfigError naming the file and the problem."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as err:
-        raise ConfigError(f"cannot read config {path}: {err.strerror}") from None
+        raise ConfigError(f"cannot read config {path}: {err.strerror or err}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config {path} is not UTF-8 text") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
@@ -40,7 +71,7 @@ def _coerce(value, kind, key, source):
     if kind is float and isinstance(value, (int, str)) and not isinstance(value, bool):
         try:
             return float(value)
-        except ValueError:
+        except (ValueError, OverflowError):
             pass
     if typing.get_origin(kind) is typing.Union or type(kind).__name__ == "UnionType":
         options = [k for k in typing.get_args(kind) if k is not type(None)]
@@ -51,9 +82,12 @@ def _coerce(value, kind, key, source):
 
 
 def build(cls, data, source):
-    """cls(**data) with unknown keys, missing keys and wrong types reported as one line."""
+    """cls(**data) with unknown keys, missing keys, wrong types and out-of-range values reported as one line."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
+    bad_keys = [k for k in data if not isinstance(k, str)]
+    if bad_keys:
+        raise ConfigError(f"{source}: keys must be names, got {bad_keys[0]!r}")
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ConfigError(f"{source}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(fields)}")
@@ -61,7 +95,10 @@ def build(cls, data, source):
                and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     if missing:
         raise ConfigError(f"{source}: missing key(s) {', '.join(missing)}")
-    return cls(**{k: _coerce(v, hints[k], k, source) for k, v in data.items()})
+    values = {k: _coerce(v, hints[k], k, source) for k, v in data.items()}
+    for key, value in values.items():
+        check_value(value, fields[key], source)
+    return cls(**values)
 
 
 def load_task(path, image_size=None):
@@ -78,7 +115,7 @@ def load_solver(path, solvers, overrides=None, strict=True):
     when `strict`, and is skipped otherwise (compare mode applies shared flags to the solvers that have them)."""
     data = read_yaml(path)
     name = data.pop("solver", None)
-    if name not in solvers:
+    if not isinstance(name, str) or name not in solvers:
         raise ConfigError(f"{path}: 'solver' must be one of {', '.join(solvers)}, got {name!r}")
     cls = solvers[name][1]
     names = {f.name for f in dataclasses.fields(cls)}

@@ -13,6 +13,7 @@ import math
 
 import torch
 
+from treg.config import bounded, one_of
 from treg.diffusion import cfg as guided_eps, ddim_step, randn, schedule, timesteps, tweedie
 from treg.linalg import prox
 
@@ -50,8 +51,8 @@ def dps_gradient(prior, op, y, z, t, a, eps_fn):
 @dataclasses.dataclass
 class DDIMConfig:
     """Text-to-image DDIM (Song et al., ICLR 2021) with classifier-free guidance; ignores y. Baseline."""
-    steps: int = 200
-    cfg_guidance: float = 4.0
+    steps: int = bounded(200, 1, 1000)
+    cfg_guidance: float = bounded(4.0, 0, 100)
     official_shift: bool = True   # TReg's ᾱ_{t-1} indexing (see treg.diffusion.schedule)
 
 
@@ -70,19 +71,19 @@ def ddim(prior, op, y, cfg, *, c, uc, generator=None, callback=None):
 @dataclasses.dataclass
 class TRegConfig:
     """Regularization by Texts (Kim, Park, Chung, Ye, ICLR 2025). Defaults are the official code's."""
-    steps: int = 200              # DDIM steps ("leading" spacing: t = 996, 991, …, 1)
-    cfg_guidance: float = 4.0     # w; official CLI default (its README commands pass 5.0); 0 = without text
+    steps: int = bounded(200, 1, 1000)        # DDIM steps ("leading" spacing: t = 996, 991, …, 1)
+    cfg_guidance: float = bounded(4.0, 0, 100)  # w; official CLI default (its README commands pass 5.0); 0 = no text
     official_shift: bool = True   # the official ᾱ_{t-1} indexing (see treg.diffusion.schedule)
-    dc_every: int = 3             # data consistency on every 3rd step ...
-    dc_until: float = 0.85        # ... while step < 0.85·steps (official: step < 170 of 200)
-    cg_iters: int = 5             # CG iterations of the pixel-space proximal solve
-    cg_lamb: float = 1e-4         # λ of the prox, relative to the operator's scale (SR rows sum to 1)
-    cg_tol: float = 1e-4          # CG stops early once ‖r‖ < tol
-    use_AN: bool = False          # adaptive negation (the official README always passes --use_AN)
-    null_lr: float = 8e-4         # Adam learning rate on the null-text embedding
-    null_iters: int = 10          # Adam steps per adaptive-negation call
-    use_DPS: bool = False         # latent DPS step (w = 0) on the steps without data consistency
-    dps_lamb: float | None = None  # DPS step size; None = √ᾱ' at each step
+    dc_every: int = bounded(3, 1, 1000)       # data consistency on every 3rd step ...
+    dc_until: float = bounded(0.85, 0, 1)     # ... while step < 0.85·steps (official: step < 170 of 200)
+    cg_iters: int = bounded(5, 0, 10000)      # CG iterations of the pixel-space proximal solve
+    cg_lamb: float = bounded(1e-4, 0, 1e6, low_open=True)  # λ of the prox, relative to A's scale (SR rows sum to 1)
+    cg_tol: float = bounded(1e-4, 0, 1e3)     # CG stops early once ‖r‖ < tol
+    use_AN: bool = False                      # adaptive negation (the official README always passes --use_AN)
+    null_lr: float = bounded(8e-4, 0, 1)      # Adam learning rate on the null-text embedding
+    null_iters: int = bounded(10, 0, 10000)   # Adam steps per adaptive-negation call
+    use_DPS: bool = False                     # latent DPS step (w = 0) on the steps without data consistency
+    dps_lamb: float | None = bounded(None, 0, 1e3)  # DPS step size; None = √ᾱ' at each step
 
 
 def adaptive_negation(prior, x, uc, lr, iters):
@@ -142,10 +143,10 @@ def treg(prior, op, y, cfg, *, c, uc, generator=None, callback=None):
 @dataclasses.dataclass
 class DPSConfig:
     """Latent DPS: DPS (Chung et al., ICLR 2023) in SD's latent space, the "Latent-DPS" baseline of PSLD and TReg."""
-    steps: int = 200               # DDIM steps, as every solver of the official TReg code
-    cfg_guidance: float = 0.0      # w; 0 = null prompt only (TReg's DPS branch), 1 = conditional only
-    official_shift: bool = True    # TReg's ᾱ_{t-1} indexing (see treg.diffusion.schedule)
-    step_size: float = 1.0         # ζ in z ← z' − ζ·∇‖y − A D(ẑ0)‖ (unit step: PSLD's ω = 1 with γ = 0)
+    steps: int = bounded(200, 1, 1000)          # DDIM steps, as every solver of the official TReg code
+    cfg_guidance: float = bounded(0.0, 0, 100)  # w; 0 = null prompt only (TReg's DPS branch), 1 = conditional only
+    official_shift: bool = True                 # TReg's ᾱ_{t-1} indexing (see treg.diffusion.schedule)
+    step_size: float = bounded(1.0, 0, 1e3)     # ζ in z ← z' − ζ·∇‖y − A D(ẑ0)‖ (unit step: PSLD's ω = 1, γ = 0)
 
 
 @torch.no_grad()
@@ -166,11 +167,11 @@ def dps(prior, op, y, cfg, *, c, uc, generator=None, callback=None):
 class PSLDConfig:
     """PSLD (Rout et al., NeurIPS 2023): latent DPS plus a "gluing" term that keeps ẑ0 a fixed point of
     encode∘(project onto {A x = y})∘decode. With γ = 0 it is `dps` with step_size = ω."""
-    steps: int = 200               # DDIM steps (official TReg psld.yaml; the PSLD repo defaults to 1000)
-    cfg_guidance: float = 4.0      # w; the official TReg CLI default, passed to PSLD too ("PSLD+CFG")
-    official_shift: bool = True    # TReg's ᾱ_{t-1} indexing (see treg.diffusion.schedule)
-    omega: float = 1.0             # ω, weight of ‖y − A D(ẑ0)‖ (official TReg file and PSLD repo)
-    gamma: float = 0.5             # γ, weight of the gluing norm (official TReg file; the PSLD repo CLI has 0.1)
+    steps: int = bounded(200, 1, 1000)          # DDIM steps (official TReg psld.yaml; the PSLD repo: 1000)
+    cfg_guidance: float = bounded(4.0, 0, 100)  # w; the official TReg CLI default, passed to PSLD too ("PSLD+CFG")
+    official_shift: bool = True                 # TReg's ᾱ_{t-1} indexing (see treg.diffusion.schedule)
+    omega: float = bounded(1.0, 0, 1e3)         # ω, weight of ‖y − A D(ẑ0)‖ (official TReg file and PSLD repo)
+    gamma: float = bounded(0.5, 0, 1e3)         # γ, weight of the gluing norm (official TReg file; PSLD CLI: 0.1)
 
 
 @torch.no_grad()
@@ -198,12 +199,12 @@ def psld(prior, op, y, cfg, *, c, uc, generator=None, callback=None):
 class P2LConfig:
     """P2L (Chung, Ye, Milanfar, Delbracio 2024) as re-implemented in the official TReg code: the prompt embedding
     c is tuned by Adam at every step to fit y, then a latent DPS step uses the tuned prompt."""
-    steps: int = 200               # DDIM steps (official TReg p2l.yaml)
-    cfg_guidance: float = 1.0      # w of the DPS step; 1 = tuned prompt only (default of P2LSolver.sample)
-    official_shift: bool = True    # TReg's ᾱ_{t-1} indexing (see treg.diffusion.schedule)
-    prompt_lr: float = 1e-4        # Adam learning rate on c (official TReg code)
-    prompt_iters: int = 1          # Adam steps on c per timestep (official TReg code)
-    step_size: float = 1.0         # DPS step ζ (official TReg code: unit step)
+    steps: int = bounded(200, 1, 1000)          # DDIM steps (official TReg p2l.yaml)
+    cfg_guidance: float = bounded(1.0, 0, 100)  # w of the DPS step; 1 = tuned prompt only (P2LSolver.sample)
+    official_shift: bool = True                 # TReg's ᾱ_{t-1} indexing (see treg.diffusion.schedule)
+    prompt_lr: float = bounded(1e-4, 0, 1)      # Adam learning rate on c (official TReg code)
+    prompt_iters: int = bounded(1, 0, 1000)     # Adam steps on c per timestep (official TReg code)
+    step_size: float = bounded(1.0, 0, 1e3)     # DPS step ζ (official TReg code: unit step)
 
 
 @torch.no_grad()
@@ -262,11 +263,11 @@ class REDDiffConfig:
     Timesteps: SD's DDIM grid (treg.diffusion.timesteps: 996, 991, …, 1 for 200 steps, as RLSD's
     `set_timesteps(200)`), with the unshifted ᾱ_t = alphas_cumprod[t] for the noising and the UNet's t.
     """
-    steps: int = 200               # timesteps swept (RLSD: 200; RED-diff pixel code: 50–1000)
-    cfg_guidance: float = 1.0      # w of ε̂; 1 = conditional prediction only (RLSD: empty prompt, no CFG)
-    lam: float = 0.01875           # λ for summed losses (RLSD's w_t = 0.1 for means, converted above)
-    lr: float = 0.2                # Adam learning rate on z (RLSD lr_z = 0.2)
-    weighting: str = "linear"      # g in w(t) = g(√(1−ᾱ)/√ᾱ), a key of WEIGHTINGS (RED-diff's default: linear)
+    steps: int = bounded(200, 1, 1000)          # timesteps swept (RLSD: 200; RED-diff pixel code: 50–1000)
+    cfg_guidance: float = bounded(1.0, 0, 100)  # w of ε̂; 1 = conditional prediction only (RLSD: empty prompt)
+    lam: float = bounded(0.01875, 0, 1e3)       # λ for summed losses (RLSD's w_t = 0.1 for means, converted above)
+    lr: float = bounded(0.2, 0, 10, low_open=True)  # Adam learning rate on z (RLSD lr_z = 0.2)
+    weighting: str = one_of("linear", WEIGHTINGS)  # g in w(t) = g(√(1−ᾱ)/√ᾱ) (RED-diff's default: linear)
 
 
 @torch.no_grad()
