@@ -13,6 +13,8 @@ Outputs in WORKDIR: {input,label,recon,ypred}/NNNNN-<prompt>.png (recon/ypred ge
 """
 import argparse
 import dataclasses
+import math
+import os
 import platform
 import re
 import sys
@@ -27,7 +29,8 @@ from tqdm import tqdm
 from treg import runs
 from treg.config import ConfigError, load_solver, load_task
 from treg.diffusion import randn
-from treg.images import ImageError, atomic_write, grid, list_images, load_image, save_image, viewable
+from treg.images import (ImageError, atomic_write, grid, list_images, load_image, original_size, save_image,
+                         viewable)
 from treg.metrics import build_metrics
 from treg.operators import build_operator
 from treg.prior import DEFAULT_MODEL, PriorUnavailable, load_prior
@@ -35,11 +38,26 @@ from treg.profiling import OPERATOR_PARTS, PRIOR_PARTS, Profiler
 from treg.solvers import SOLVERS, residual_norm
 
 # CLI flags that override a field of the solver config when given (None = use the YAML's value)
-SOLVER_FLAGS = ("cfg_guidance", "cg_lamb", "null_lr", "use_AN", "use_DPS", "dps_lamb")
+SOLVER_FLAGS = ("steps", "cfg_guidance", "cg_lamb", "null_lr", "use_AN", "use_DPS", "dps_lamb")
+SEED_MAX = 2 ** 63 - 1          # torch.Generator.manual_seed takes a signed 64-bit seed; image i uses seed + i
+# Working memory per image pixel of a solve beyond the model weights, measured as the growth of peak RSS on the
+# analytic prior (treg with SR x16: 434 / 709 / 1367 MB at 512² / 1024² / 2048²); a diffusers prior adds its VAE's
+# full-resolution activations (see memory_needed).
+BYTES_PER_PIXEL = 400
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        """One line, as for every other bad input (argparse would print its usage block first)."""
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+class NumericalError(RuntimeError):
+    """A solver produced NaN or inf; reported as one line naming the method and the step."""
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--task_config", type=Path, default=Path("configs/task/super-resolution.yaml"),
       help="task YAML: operator, params, noise_scale, image_size (default: %(default)s)")
@@ -47,6 +65,8 @@ def parse_args(argv=None):
       help="solver YAML: `solver:` name and its settings (default: %(default)s)")
     a("--null_prompt", default="", help="text that initialises the null (negative) embedding (default: empty)")
     a("--prompt", default="", help="text describing the solution; also names the output files (default: empty)")
+    a("--steps", type=int, help="number of sampling steps of the solver (every --compare method's); default: "
+      "the solver YAML's (200)")
     a("--cfg_guidance", type=float, help="classifier-free guidance weight w; 0 = without text "
       "(default: the solver YAML's; 4.0 for treg, as in the official code)")
     a("--cg_lamb", type=float, help="λ of TReg's CG data-consistency prox (default: YAML, 1e-4)")
@@ -73,7 +93,7 @@ def parse_args(argv=None):
       "clip; unavailable ones are skipped with one line (default: %(default)s)")
     a("--clip_model", default="openai/clip-vit-large-patch14", help="CLIP model for --metrics clip: hub id or "
       "local folder (default: %(default)s)")
-    a("--limit", type=int, help="solve only the first N images of the folder")
+    a("--limit", type=int, help="solve only the first N (≥ 1) images of the folder")
     a("--batch_size", type=int, default=1, help="images per solver call (default: %(default)s)")
     a("--skip_existing", action="store_true", help="skip images already complete in WORKDIR (resume a run)")
     a("--gradient_checkpointing", action="store_true",
@@ -126,31 +146,146 @@ def output_files(workdir, index, name, methods, compare):
     return files
 
 
-def run(args, state, header):
-    """Solve every image of this process's shard; `header` is filled with the run's settings first."""
-    device = torch.device(args.device or (state.device if state.num_processes > 1 else None)
-                          or torch.accelerator.current_accelerator() or "cpu")
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32,
-             None: torch.float16 if device.type != "cpu" else torch.float32}[args.dtype]
+def resolve_device(name, state):
+    """The torch device for --device (None: this process's accelerator, else cpu), or ConfigError if this machine
+    has no such device."""
+    if name is None:
+        return torch.device((state.device if state.num_processes > 1 else None)
+                            or torch.accelerator.current_accelerator() or "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"--device {name!r} is not a torch device (cpu, cuda, cuda:1, mps, xpu, ...)") from None
+    if device.type == "cpu":
+        return device
+    if device.type == "meta":
+        raise ConfigError("--device meta holds no data; use cpu or an accelerator")
+    accelerator = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+    if accelerator is None or accelerator.type != device.type:
+        have = f"cpu and {accelerator.type}" if accelerator else "only cpu"
+        raise ConfigError(f"--device {name}: this machine has no {device.type} device (it has {have})")
+    if device.index is not None and device.index >= torch.accelerator.device_count():
+        raise ConfigError(f"--device {name}: there are {torch.accelerator.device_count()} {device.type} devices")
+    return device
 
-    # Everything that can be wrong with the input is checked before the model loads or any file is written.
+
+def check_workdir(path):
+    """ConfigError unless `path` is, or can be made, a writable folder. Creates nothing."""
+    path = Path(path)
+    for part in path.parts:
+        if len(os.fsencode(part)) > 255:
+            raise ConfigError(f"--workdir: the name {part[:40]}... is too long for the file system")
+    probe = path
+    while not probe.exists():
+        if probe.is_symlink():
+            raise ConfigError(f"--workdir {path}: {probe} is a symlink to a missing target")
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(f"--workdir {path}: {probe} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"--workdir {path}: {probe} is not writable")
+
+
+def available_memory(device):
+    """Bytes free on `device`: the accelerator's free memory, or the system's available memory on cpu."""
+    if device.type != "cpu":
+        return torch.accelerator.get_memory_info(device)[0]
+    try:
+        with open("/proc/meminfo") as info:
+            return int(next(line for line in info if line.startswith("MemAvailable")).split()[1]) * 1024
+    except (OSError, StopIteration, ValueError):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else math.inf
+
+
+def memory_needed(prior, image_size, batch_size):
+    """A lower estimate of the bytes a batch's solve allocates beyond the weights: the measured working set per
+    pixel, plus for a diffusers prior the VAE's full-resolution activations (4 live maps of its widest channels)."""
+    per_pixel = BYTES_PER_PIXEL
+    vae = getattr(prior, "vae", None)
+    if vae is not None:
+        per_pixel += 4 * vae.config.block_out_channels[0] * torch.finfo(vae.dtype).bits // 8
+    return batch_size * image_size ** 2 * per_pixel
+
+
+def measure(op, x, noise_scale, generators):
+    """y = A x + noise_scale·n with n ~ N(0, I) drawn from each image's generator."""
+    y = op.A(x)
+    return y + noise_scale * randn(y.shape, generators, y.device)
+
+
+def settings_line(name, cfg, flags):
+    """'name: field value, ...' with '(--flag)' after each value a CLI flag set."""
+    parts = [f"{k} {v}" + (" (--%s)" % k if k in flags else "") for k, v in dataclasses.asdict(cfg).items()]
+    return f"{name}: " + ", ".join(parts)
+
+
+def check_finite(method, steps):
+    """A solver callback that stops the run at the first step whose estimate is NaN or inf."""
+    def callback(info):
+        if not torch.isfinite(info["z0"]).all():
+            raise NumericalError(f"{method} produced NaN or inf at step {info['i'] + 1} of {steps}; nothing was "
+                                 f"written for this image (a noise_scale or step size far from its default?)")
+    return callback
+
+
+def prepare(args, state):
+    """Everything that can be wrong with the input, checked before any model loads or any file is written."""
+    device = resolve_device(args.device, state)
+    if not 0 <= args.seed <= SEED_MAX:
+        raise ConfigError(f"--seed must be in [0, {SEED_MAX}], got {args.seed}")
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError(f"--limit must be at least 1, got {args.limit}")
+    if not 1 <= args.batch_size <= 4096:
+        raise ConfigError(f"--batch_size must be in [1, 4096], got {args.batch_size}")
     task = load_task(args.task_config, args.image_size)
     solvers = solver_configs(args)
+    metric_names = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    if "ssim" in metric_names and task.image_size < 11:
+        raise ConfigError(f"--metrics ssim needs images of at least 11 pixels (its window), got {task.image_size}")
     try:
         op = build_operator(task.operator, task.image_size, **task.params).to(device)
-        metric_names = [m.strip() for m in args.metrics.split(",") if m.strip()]
         metric_fns, notes = build_metrics(metric_names, device=device, clip_model=args.clip_model)
-    except ValueError as err:
+    except (ValueError, TypeError) as err:
         raise ConfigError(str(err)) from None
-    if args.batch_size < 1:
-        raise ConfigError("--batch_size must be at least 1")
+    check_workdir(args.workdir)
     paths = list_images(args.img_path)[: args.limit]
+    if args.seed + len(paths) - 1 > SEED_MAX:
+        raise ConfigError(f"--seed {args.seed} + image index overflows the 64-bit generator seed")
     load_image(paths[0], task.image_size)
+    return device, task, solvers, op, metric_fns, notes, paths
+
+
+def check_prior(prior, task, solvers, args, device):
+    """The checks that need the loaded prior (still before any file is written)."""
+    multiple = getattr(prior, "size_multiple", prior.vae_scale_factor)
+    if task.image_size % multiple:
+        raise ConfigError(f"image_size {task.image_size} must be a multiple of {multiple} for this model "
+                          f"(e.g. {max(multiple, task.image_size // multiple * multiple)})")
+    for name, cfg in solvers:
+        if getattr(cfg, "steps", 0) > len(prior.alphas_cumprod):
+            raise ConfigError(f"{name}: steps {cfg.steps} exceeds the model's {len(prior.alphas_cumprod)} training steps")
+    need, have = memory_needed(prior, task.image_size, args.batch_size), available_memory(device)
+    if need > have:
+        raise ConfigError(f"image_size {task.image_size} with batch size {args.batch_size} needs about "
+                          f"{need / 2 ** 30:.1f} GiB on {device}, {have / 2 ** 30:.1f} GiB is free; use a smaller "
+                          f"--image_size or --batch_size")
+
+
+def run(args, state, header):
+    """Solve every image of this process's shard; `header` is filled with the run's settings first."""
+    device, task, solvers, op, metric_fns, notes, paths = prepare(args, state)
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32,
+             None: torch.float16 if device.type != "cpu" else torch.float32}[args.dtype]
     for note in notes:
         warnings.warn(note)
+    if args.compare and state.is_main_process:
+        flags = {k for k in SOLVER_FLAGS if getattr(args, k) is not None}
+        for name, cfg in solvers:
+            print(settings_line(name, cfg, flags), file=sys.stderr)
 
     needs_clip = any(getattr(cfg, "use_AN", False) for _, cfg in solvers)
     prior = load_prior(args.model, device, dtype, image_encoder=args.image_encoder if needs_clip else None)
+    check_prior(prior, task, solvers, args, device)
     if args.gradient_checkpointing and hasattr(prior, "enable_gradient_checkpointing"):
         prior.enable_gradient_checkpointing()
     profiler = Profiler(device)
@@ -172,8 +307,7 @@ def run(args, state, header):
         x = torch.cat([load_image(paths[i], task.image_size) for i in batch]).to(device)
         # One CPU generator per image: the same y and solver noise on every device, batch size and shard.
         gens = [torch.Generator().manual_seed(args.seed + i) for i in batch]
-        y = op.A(x)
-        y = y + task.noise_scale * randn(y.shape, gens, device)
+        y = measure(op, x, task.noise_scale, gens)
         after_y = [g.get_state() for g in gens]
         floor = task.noise_scale * y[0].numel() ** 0.5
         results = [{} for _ in batch]
@@ -184,10 +318,14 @@ def run(args, state, header):
             profiler.reset()
             begin = time.perf_counter()
             label = f"[{batch[0] + 1}/{len(paths)}] {method}"
-            with tqdm(total=getattr(cfg, "steps", None), desc=label, unit="step", leave=False, file=sys.stderr,
+            steps = getattr(cfg, "steps", None)
+            finite = check_finite(method, steps)
+            with tqdm(total=steps, desc=label, unit="step", leave=False, file=sys.stderr,
                       disable=not sys.stderr.isatty()) as bar:
                 x_hat = SOLVERS[method][0](prior_p, op_p, y, cfg, c=c, uc=uc, generator=gens,
-                                           callback=lambda info: bar.update())
+                                           callback=lambda info: (finite(info), bar.update()))
+            if not torch.isfinite(x_hat).all():
+                raise NumericalError(f"{method} returned NaN or inf; nothing was written for this image")
             wall = time.perf_counter() - begin
             x_hat = x_hat.clamp(-1, 1)
             outputs[method] = x_hat
@@ -213,21 +351,26 @@ def run(args, state, header):
                 sheet = grid([[y_view[j], *(outputs[m][j] for m in methods), x[j]]],
                              ["measurement", *methods, "ground truth"])
                 atomic_write(files[("compare", None)], lambda tmp: sheet.save(tmp, format="PNG"))
+            size = original_size(paths[i])
             record = {"index": i, "path": str(paths[i]), "prompt": args.prompt, "process": state.process_index,
-                      "results": results[j],
+                      "original_size": list(size), "results": results[j],
                       "files": {f"{k}/{m}" if m else k: str(p) for (k, m), p in files.items()}}
             runs.write_json(runs.record_path(args.workdir, i), record)  # written last: marks the image complete
             line = ", ".join(f"{m} residual {r['residual']:.4g}" + "".join(
                 f" {k} {v:.4g}" for k, v in r["metrics"].items()) for m, r in results[j].items())
-            print(f"[{i + 1}/{len(paths)}] {paths[i].name}: {line} (noise floor {floor:.4g})", file=sys.stderr)
+            upsampled = f", upsampled from {size[0]}x{size[1]}" if min(size) < task.image_size else ""
+            print(f"[{i + 1}/{len(paths)}] {paths[i].name}: {line} (noise floor {floor:.4g}{upsampled})",
+                  file=sys.stderr)
 
 
 def finish(args, header, state, compare):
     """After every process is done, the main one merges the records into run.json and metrics.csv."""
     state.wait_for_everyone()
-    if not state.is_main_process or not runs.read_records(args.workdir):
+    if not state.is_main_process:
         return
     summary = runs.merge(args.workdir, header)
+    if summary is None:
+        return
     columns = ["residual", "noise_floor", *sorted({k for s in summary.values() for k in s} - {
         "residual", "noise_floor", "wall_seconds", "nfe", "peak_memory_mb", "images"}),
         "wall_seconds", "nfe", "peak_memory_mb", "images"]
@@ -254,10 +397,19 @@ def main(argv=None):
         run(args, state, header)
     except (ConfigError, ImageError, PriorUnavailable) as err:
         sys.exit(f"error: {err}")
-    except KeyboardInterrupt:
-        if header and state.is_main_process and runs.read_records(args.workdir):
-            runs.merge(args.workdir, header)  # no barrier: the other processes may be gone
-        sys.exit("interrupted: finished images are saved; rerun with --skip_existing to resume")
+    except (NumericalError, OSError, KeyboardInterrupt) as err:
+        if isinstance(err, KeyboardInterrupt):
+            message = "interrupted: finished images are saved; rerun with --skip_existing to resume"
+        elif isinstance(err, OSError):
+            message = f"error: {err.filename or args.workdir}: {err.strerror or err}"
+        else:
+            message = f"error: {err}"
+        if header and state.is_main_process:
+            try:
+                runs.merge(args.workdir, header)  # no barrier: the other processes may be gone
+            except OSError:
+                pass  # the records stay; a rerun with --skip_existing merges them
+        sys.exit(message)
     finish(args, header, state, bool(args.compare))
 
 if __name__ == "__main__":

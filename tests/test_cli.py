@@ -78,7 +78,7 @@ def bad_input_cases(tmp_path):
         "unknown operator parameter": (bad_param, cat, "analytic", "factor"),
         "malformed yaml": (malformed, cat, "analytic", "malformed YAML"),
         "empty folder": (sr, empty, "analytic", "no images"),
-        "missing model": (sr, cat, str(tmp_path / "no-such-model"), "cannot load"),
+        "missing model": (sr, cat, str(tmp_path / "no-such-model"), "no-such-model' does not exist"),
     }
 
 

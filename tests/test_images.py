@@ -1,10 +1,10 @@
-"""Image loading accepts what users have on disk: any mode, any shape, small images (with a warning)."""
+"""Image loading accepts what users have on disk: any mode, any shape, small images; and refuses what it must."""
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from treg.images import load_image
+from treg.images import ImageError, load_image, original_size
 
 
 def gradient(h, w):
@@ -44,8 +44,16 @@ def test_non_square_is_resized_on_the_short_side_and_centre_cropped(tmp_path):
     assert x.shape == (1, 3, 32, 32) and torch.equal(x, torch.ones_like(x))
 
 
-def test_small_image_is_upsampled_with_a_warning(tmp_path):
-    Image.fromarray(gradient(16, 16)).save(tmp_path / "small.png")
-    with pytest.warns(UserWarning, match="smaller than image_size 64: upsampling"):
-        x = load_image(tmp_path / "small.png", 64)
-    assert x.shape == (1, 3, 64, 64)
+def test_small_image_is_upsampled_and_its_size_is_known(tmp_path):
+    Image.fromarray(gradient(16, 24)).save(tmp_path / "small.png")
+    x = load_image(tmp_path / "small.png", 64)
+    assert x.shape == (1, 3, 64, 64) and original_size(tmp_path / "small.png") == (24, 16)
+    assert x[0, 0, 0, 0] < x[0, 0, -1, -1]  # the ramp survives the upsampling
+
+
+def test_decompression_bomb_is_refused_in_one_line(tmp_path, monkeypatch):
+    Image.fromarray(gradient(64, 64)).save(tmp_path / "bomb.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64 * 64 // 4)  # PIL refuses images over twice the limit
+    with pytest.raises(ImageError, match="refusing .*bomb.png.*decompression bomb") as err:
+        load_image(tmp_path / "bomb.png", 32)
+    assert "\n" not in str(err.value)

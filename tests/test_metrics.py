@@ -284,6 +284,7 @@ def test_clip_unavailable_raises_one_line(tmp_path, monkeypatch, model):
     source = str(tmp_path / model) if model == "missing-folder" else model
     with pytest.raises(MetricUnavailable) as err:
         CLIPScore(source)
-    assert "\n" not in str(err.value) and source in str(err.value) and "local folder" in str(err.value)
+    expected = "does not exist" if model == "missing-folder" else "hf download nobody-xyz/no-such-clip"
+    assert "\n" not in str(err.value) and source in str(err.value) and expected in str(err.value)
     fns, warnings = build_metrics(["psnr", "clip"], device="cpu", clip_model=source)
     assert list(fns) == ["psnr"] and len(warnings) == 1 and source in warnings[0]

@@ -2,7 +2,6 @@
 metrics.py convert to [0,1] or uint8, always with one fixed mapping (no per-image min-max stretch)."""
 import os
 import secrets
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -30,19 +29,36 @@ def _to_rgb(img):
     return img.convert("RGB")
 
 
-def load_image(path, size):
-    """(1,3,size,size) in [-1,1]: RGB, shorter side resized to `size` (bilinear), centre-cropped."""
+def _open(path):
+    """The decoded image at `path`, or ImageError as one line."""
     try:
         with Image.open(path) as img:
             img.load()
-            img = _to_rgb(img)
+            return _to_rgb(img)
     except FileNotFoundError:
         raise ImageError(f"image not found: {path}") from None
-    except (UnidentifiedImageError, OSError) as err:
+    except IsADirectoryError:
+        raise ImageError(f"{path} is a folder inside the image folder, not an image") from None
+    except Image.DecompressionBombError as err:
+        raise ImageError(f"refusing {path}: {err}") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:  # PIL's decoders raise all of these
+        raise ImageError(f"cannot read image {path}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+
+
+def original_size(path):
+    """(width, height) of the image file, read from its header."""
+    try:
+        with Image.open(path) as img:
+            return img.size
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise ImageError(f"cannot read image {path}: {err}") from None
+
+
+def load_image(path, size):
+    """(1,3,size,size) in [-1,1]: RGB, shorter side resized to `size` (bilinear, so a smaller image is upsampled),
+    centre-cropped."""
+    img = _open(path)
     w, h = img.size
-    if min(w, h) < size:
-        warnings.warn(f"{path} is {w}x{h}, smaller than image_size {size}: upsampling it")
     scale = size / min(w, h)
     img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
     left, top = (img.size[0] - size) // 2, (img.size[1] - size) // 2

@@ -8,12 +8,13 @@ files, CLIP score a cached or local CLIP folder. A missing piece raises `MetricU
 saying what to put where; `build_metrics` turns that into a warning so a run goes on without that metric.
 """
 import importlib.util
-import os
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from treg import hub
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"  # what torchmetrics' CLIPScore uses
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -168,12 +169,6 @@ def load_lpips(net="vgg", directory=None, device="cpu"):
 
 
 # ----------------------------------------------------------------------------------------------------------- CLIP score
-def _offline():
-    from huggingface_hub import constants
-    # the hub reads HF_HUB_OFFLINE at import time; re-read it so setting it later still avoids network retries
-    return constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
-
-
 class CLIPScore:
     """torchmetrics-style CLIP score: 100 · max(cos(image embedding, text embedding), 0), per image.
 
@@ -184,16 +179,12 @@ class CLIPScore:
 
     def __init__(self, model=DEFAULT_CLIP, device="cpu", dtype=torch.float32):
         from transformers import CLIPModel, CLIPTokenizer
-        offline = _offline()
         try:
-            self.model = CLIPModel.from_pretrained(model, local_files_only=offline).to(device, dtype).eval()
-            self.tokenizer = CLIPTokenizer.from_pretrained(model, local_files_only=offline)
-        except (OSError, ValueError) as err:
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-            raise MetricUnavailable(
-                f"CLIP score needs the CLIP model '{model}'{' (HF_HUB_OFFLINE is set)' if offline else ''}: {first} "
-                f"-- download it once where online (hf download {model}) or give a local folder holding "
-                f"a saved CLIPModel and CLIPTokenizer") from None
+            source, local_only = hub.locate(model, "CLIP model", "--clip_model")
+            self.model = hub.load(CLIPModel, source, local_only, "CLIP model").to(device, dtype).eval()
+            self.tokenizer = hub.load(CLIPTokenizer, source, local_only, "CLIP tokenizer", weights=False)
+        except hub.ModelUnavailable as err:
+            raise MetricUnavailable(f"CLIP score needs a CLIPModel and CLIPTokenizer: {err}") from None
         self.model.requires_grad_(False)
         self.size = self.model.config.vision_config.image_size
         self.max_len = self.model.config.text_config.max_position_embeddings

@@ -12,12 +12,14 @@ Every prior exposes the same small interface, which is all the solvers ever see:
 
 Solver maths runs in float32; the prior casts to the model dtype on the way in and back to float32 on the way out.
 """
-import os
 import warnings
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from treg import hub
+from treg.hub import ModelUnavailable
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # the official runwayml/... id was withdrawn
 DEFAULT_IMAGE_ENCODER = "openai/clip-vit-large-patch14"
@@ -25,8 +27,8 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-class PriorUnavailable(RuntimeError):
-    """A model could not be loaded; the message is one line saying what is missing and what to do."""
+class PriorUnavailable(ModelUnavailable):
+    """A prior could not be loaded; the message is one line saying what is missing and what to do."""
 
 
 class StableDiffusion:
@@ -51,6 +53,11 @@ class StableDiffusion:
     @property
     def device(self):
         return self.unet.device
+
+    @property
+    def size_multiple(self):
+        """Image sides must be multiples of this: the VAE's factor times the UNet's downsampling."""
+        return self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
 
     def encode(self, x, generator=None):
         """(B,3,H,W) in [-1,1] -> (B,4,H/8,W/8): a sample of the VAE posterior, as the official code does."""
@@ -92,20 +99,6 @@ class StableDiffusion:
         self.vae.enable_gradient_checkpointing()
 
 
-def _load(what, cls, source, **kwargs):
-    try:
-        with warnings.catch_warnings():
-            # diffusers passes huggingface_hub an argument it has deprecated; the warning is noise to our users
-            warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
-            return cls.from_pretrained(source, **kwargs)
-    except (OSError, ValueError) as err:
-        offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") else ""
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise PriorUnavailable(
-            f"cannot load the {what} from '{source}'{offline}: {first[:200]} -- download it once "
-            f"(huggingface-cli download {source}) or point --model at a local diffusers folder") from None
-
-
 def load_prior(model=DEFAULT_MODEL, device="cpu", dtype=torch.float32, image_encoder=None):
     """A prior for `model`: 'analytic', a Hugging Face hub id or a local diffusers folder.
 
@@ -119,20 +112,26 @@ def load_prior(model=DEFAULT_MODEL, device="cpu", dtype=torch.float32, image_enc
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
-    if Path(model).exists() and not (Path(model) / "unet").is_dir():
-        raise PriorUnavailable(f"'{model}' is not a diffusers Stable Diffusion folder (no unet/ inside)")
-    parts = {name: _load(name, cls, model, subfolder=name, **kw) for name, cls, kw in [
-        ("vae", AutoencoderKL, {"torch_dtype": dtype}),
-        ("unet", UNet2DConditionModel, {"torch_dtype": dtype}),
-        ("text_encoder", CLIPTextModel, {"torch_dtype": dtype}),
-        ("tokenizer", CLIPTokenizer, {}),
-        ("scheduler", DDIMScheduler, {})]}
-    encoder = None
-    if image_encoder == "auto":
-        local = Path(model) / "image_encoder"
-        image_encoder = str(local) if local.is_dir() else DEFAULT_IMAGE_ENCODER
-    if image_encoder is not None:
-        encoder = _load("CLIP image encoder", CLIPVisionModelWithProjection, image_encoder, torch_dtype=dtype)
-        encoder.to(device)
+    try:
+        source, local_only = hub.locate(model, "model", "--model", probe="unet/config.json")
+        if Path(source).is_dir() and not (Path(source) / "unet").is_dir():
+            raise PriorUnavailable(f"'{model}' is not a diffusers Stable Diffusion folder (no unet/ inside)")
+        parts = {name: hub.load(cls, source, local_only, f"{name} of the model", weights=weights, subfolder=name, **kw)
+                 for name, cls, weights, kw in [
+                     ("vae", AutoencoderKL, True, {"torch_dtype": dtype}),
+                     ("unet", UNet2DConditionModel, True, {"torch_dtype": dtype}),
+                     ("text_encoder", CLIPTextModel, True, {"torch_dtype": dtype}),
+                     ("tokenizer", CLIPTokenizer, False, {}),
+                     ("scheduler", DDIMScheduler, False, {})]}
+        encoder = None
+        if image_encoder == "auto":
+            local = Path(source) / "image_encoder"
+            image_encoder = str(local) if local.is_dir() else DEFAULT_IMAGE_ENCODER
+        if image_encoder is not None:
+            where, local_encoder = hub.locate(image_encoder, "CLIP image encoder", "--image_encoder")
+            encoder = hub.load(CLIPVisionModelWithProjection, where, local_encoder, "CLIP image encoder",
+                               torch_dtype=dtype).to(device)
+    except ModelUnavailable as err:
+        raise PriorUnavailable(str(err)) from None
     return StableDiffusion(parts["vae"].to(device), parts["unet"].to(device), parts["text_encoder"].to(device),
                            parts["tokenizer"], parts["scheduler"].alphas_cumprod, encoder)

@@ -5,6 +5,7 @@ import csv
 import io
 import json
 import math
+import warnings
 from pathlib import Path
 
 from treg.images import atomic_write
@@ -21,8 +22,29 @@ def record_path(workdir, index):
     return Path(workdir) / RECORDS / f"{index:05d}.json"
 
 
+def _is_record(data):
+    """A record as solve.py writes it: an index, and per method a result with a residual and metrics."""
+    return (isinstance(data, dict) and isinstance(data.get("index"), int) and isinstance(data.get("path"), str)
+            and isinstance(data.get("results"), dict) and all(
+                isinstance(r, dict) and isinstance(r.get("metrics"), dict)
+                and all(k in r for k in ("residual", "noise_floor", "wall_seconds", "nfe", "peak_memory_mb"))
+                for r in data["results"].values()))
+
+
 def read_records(workdir):
-    return [json.loads(p.read_text()) for p in sorted((Path(workdir) / RECORDS).glob("*.json"))]
+    """The image records in `workdir`, by index; a file there that is not one (corrupt, foreign, unreadable) is
+    skipped with a warning, so a stray file never breaks the merge."""
+    records = []
+    for path in sorted((Path(workdir) / RECORDS).glob("*.json")):
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            data = None
+        if _is_record(data):
+            records.append(data)
+        else:
+            warnings.warn(f"skipping {path}: not a record written by solve.py")
+    return records
 
 
 def _mean(values):
@@ -55,9 +77,12 @@ def means(table):
 
 
 def merge(workdir, header):
-    """Write run.json (header + records + means) and metrics.csv from the records in `workdir`; return the means."""
+    """Write run.json (header + records + means) and metrics.csv from the records in `workdir`; return the means,
+    or None (writing nothing) when there is no record."""
     workdir = Path(workdir)
     records = read_records(workdir)
+    if not records:
+        return None
     table = rows(records)
     summary = means(table) if table else {}
     write_json(workdir / "run.json", {**header, "images": records, "metrics_mean": summary})

@@ -4,6 +4,7 @@ It has SD-1.5's geometry (4 latent channels, VAE downsampling 8, 77-token CLIP t
 and about 1.6M parameters, so the whole CLI and every solver can be exercised on a CPU without downloading weights.
 Its images are meaningless. Usage: `python -m treg.tiny DIR` writes a folder that `--model DIR` loads.
 """
+import argparse
 import json
 import sys
 import tempfile
@@ -73,7 +74,19 @@ def build_tiny_sd(folder, seed=0):
     return folder
 
 
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m treg.tiny", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("folder", type=Path, help="output folder (created; an existing model folder is overwritten)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: %(default)s)")
+    args = p.parse_args(argv)
+    if args.folder.exists() and not args.folder.is_dir():
+        sys.exit(f"error: {args.folder} is a file, not a folder")
+    try:
+        print(build_tiny_sd(args.folder, args.seed))
+    except OSError as err:
+        sys.exit(f"error: cannot write {err.filename or args.folder}: {err.strerror or err}")
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python -m treg.tiny OUTPUT_FOLDER")
-    print(build_tiny_sd(sys.argv[1]))
+    main()
