@@ -13,6 +13,7 @@ Outputs in WORKDIR: {input,label,recon,ypred}/NNNNN-<prompt>.png (recon/ypred ge
 """
 import argparse
 import dataclasses
+import errno
 import math
 import os
 import platform
@@ -228,6 +229,32 @@ def check_finite(method, steps):
     return callback
 
 
+def write_outputs(files, pictures, record_path, record):
+    """Write one image's PNGs ({key: tensor or PIL image}), then its record, which marks it complete. If any write
+    fails, the files already written for it are removed: an image is complete or absent, never half-written."""
+    for path in [*files.values(), record_path]:
+        if path.is_dir():
+            raise OSError(errno.EISDIR, "a folder is in the way of an output file", str(path))
+    written = []
+    try:
+        for key, path in files.items():
+            picture = pictures[key]
+            if isinstance(picture, torch.Tensor):
+                save_image(picture, path)
+            else:
+                atomic_write(path, lambda tmp: picture.save(tmp, format="PNG"))
+            written.append(path)
+        runs.write_json(record_path, record)
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+            try:
+                path.parent.rmdir()  # only if this image's file was all it held
+            except OSError:
+                pass
+        raise
+
+
 def prepare(args, state):
     """Everything that can be wrong with the input, checked before any model loads or any file is written."""
     device = resolve_device(args.device, state)
@@ -251,6 +278,8 @@ def prepare(args, state):
     paths = list_images(args.img_path)[: args.limit]
     if args.seed + len(paths) - 1 > SEED_MAX:
         raise ConfigError(f"--seed {args.seed} + image index overflows the 64-bit generator seed")
+    for path in paths:  # headers only: a file that is no image, or a decompression bomb, fails here, not at image 700
+        original_size(path)
     load_image(paths[0], task.image_size)
     return device, task, solvers, op, metric_fns, notes, paths
 
@@ -342,20 +371,17 @@ def run(args, state, header):
             y_pred = {m: viewable(op.A(v), task.image_size) for m, v in outputs.items()}
         for j, i in enumerate(batch):
             files = output_files(args.workdir, i, name, methods, compare)
-            save_image(y_view[j], files[("input", None)])
-            save_image(x[j], files[("label", None)])
-            for m in methods:
-                save_image(outputs[m][j], files[("recon", m)])
-                save_image(y_pred[m][j], files[("ypred", m)])
+            pictures = {("input", None): y_view[j], ("label", None): x[j],
+                        **{("recon", m): outputs[m][j] for m in methods},
+                        **{("ypred", m): y_pred[m][j] for m in methods}}
             if compare:
-                sheet = grid([[y_view[j], *(outputs[m][j] for m in methods), x[j]]],
-                             ["measurement", *methods, "ground truth"])
-                atomic_write(files[("compare", None)], lambda tmp: sheet.save(tmp, format="PNG"))
+                pictures[("compare", None)] = grid([[y_view[j], *(outputs[m][j] for m in methods), x[j]]],
+                                                   ["measurement", *methods, "ground truth"])
             size = original_size(paths[i])
             record = {"index": i, "path": str(paths[i]), "prompt": args.prompt, "process": state.process_index,
                       "original_size": list(size), "results": results[j],
                       "files": {f"{k}/{m}" if m else k: str(p) for (k, m), p in files.items()}}
-            runs.write_json(runs.record_path(args.workdir, i), record)  # written last: marks the image complete
+            write_outputs(files, pictures, runs.record_path(args.workdir, i), record)
             line = ", ".join(f"{m} residual {r['residual']:.4g}" + "".join(
                 f" {k} {v:.4g}" for k, v in r["metrics"].items()) for m, r in results[j].items())
             upsampled = f", upsampled from {size[0]}x{size[1]}" if min(size) < task.image_size else ""

@@ -61,6 +61,8 @@ def read_yaml(path):
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise ConfigError(f"malformed YAML in {path}{where}: {getattr(err, 'problem', None) or err}") from None
+    except (ValueError, RecursionError) as err:  # e.g. an integer of 5,000 digits, or nesting thousands deep
+        raise ConfigError(f"unreadable YAML in {path}: {str(err).split(';')[0]}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of keys to values")
     return data

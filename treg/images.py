@@ -99,8 +99,10 @@ def atomic_write(path, write):
     try:
         write(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError):  # name the file the user asked for, not the temporary one
+            raise OSError(err.errno, err.strerror or str(err), str(path)) from None
         raise
 
 

@@ -8,6 +8,9 @@ is the caller's job: y = op.A(x) + noise_scale·n.
     op = build_operator("super_resolution", 512, scale=16)   # configs/task/*.yaml: operator, params
 """
 import inspect
+import math
+import types
+import typing
 
 import numpy as np
 import torch
@@ -66,7 +69,7 @@ class SuperResolution(Operator):
 
     scales = (4, 8, 16)
 
-    def __init__(self, image_size, scale):
+    def __init__(self, image_size, scale: int):
         super().__init__()
         if scale not in self.scales:
             raise ValueError(f"super_resolution scale must be one of {self.scales}, got {scale!r}")
@@ -96,23 +99,26 @@ class SuperResolution(Operator):
 # --- blur --------------------------------------------------------------------------------------------------------
 
 
+MAX_KERNEL = 1025  # taps; twice a 512² image, and a motion kernel draws on a canvas of twice this side
+
+
 def _check_kernel_size(kernel_size):
-    if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
-        raise ValueError(f"blur kernel_size must be an odd positive integer, got {kernel_size!r}")
+    if not isinstance(kernel_size, int) or not 1 <= kernel_size <= MAX_KERNEL or kernel_size % 2 == 0:
+        raise ValueError(f"blur kernel_size must be an odd integer in [1, {MAX_KERNEL}], got {kernel_size!r}")
 
 
-def gaussian_kernel(kernel_size, std):
+def gaussian_kernel(kernel_size: int, std: float):
     """K×K separable Gaussian, g(k) ∝ exp(−k²/(2 std²)) for k = −(K−1)/2 … (K−1)/2, normalised to sum 1."""
     _check_kernel_size(kernel_size)
-    if std <= 0:
-        raise ValueError(f"blur std must be positive, got {std!r}")
+    if not 1e-2 <= std <= 1e4:  # below 1e-2 the kernel is a delta to float64 precision (and std² underflows)
+        raise ValueError(f"blur std must be in [0.01, 10000], got {std!r}")
     k = np.arange(kernel_size) - (kernel_size - 1) / 2
     g = np.exp(-(k**2) / (2 * std**2))
     g /= g.sum()
     return torch.from_numpy(np.outer(g, g))
 
 
-def motion_kernel(kernel_size, intensity, seed):
+def motion_kernel(kernel_size: int, intensity: float, seed: int):
     """K×K random camera-shake kernel (non-negative, sums to 1), the same for the same seed.
 
     A reimplementation, from its description, of the trajectory generator of LeviBorodenko/motionblur used by DPS
@@ -123,6 +129,8 @@ def motion_kernel(kernel_size, intensity, seed):
     _check_kernel_size(kernel_size)
     if not 0 <= intensity <= 1:
         raise ValueError(f"blur intensity must be in [0, 1], got {intensity!r}")
+    if seed < 0:
+        raise ValueError(f"blur seed must be a non-negative integer, got {seed}")
     rng = np.random.default_rng(seed)
     canvas = 2 * kernel_size
     diag = np.hypot(canvas, canvas)
@@ -245,7 +253,8 @@ class Blur(Operator):
 # --- inpainting ----------------------------------------------------------------------------------------------------
 
 
-def box_mask(image_size, size=None, top=None, left=None, margin=None, seed=0):
+def box_mask(image_size, size: int | float | None = None, top: int | None = None, left: int | None = None,
+             margin: int | None = None, seed: int = 0):
     """n×n mask, 1 = observed, with a size×size hole (default n//2) at (top, left) if given, else placed uniformly at
     least `margin` pixels from the border by default_rng(seed) if a margin is given, else centred. `size` is in
     pixels (int) or a fraction of the image side (float ≤ 1), so one config serves every --image_size."""
@@ -253,8 +262,10 @@ def box_mask(image_size, size=None, top=None, left=None, margin=None, seed=0):
     size = n // 2 if size is None else round(size * n) if isinstance(size, float) and size <= 1 else int(size)
     if (top is None) != (left is None) or (top is not None and margin is not None):
         raise ValueError("box mask: give both top and left, or margin (with seed), or neither (centred)")
+    if seed < 0:
+        raise ValueError(f"box mask: seed must be a non-negative integer, got {seed}")
     if margin is not None:
-        if n - 2 * margin < size:
+        if margin < 0 or n - 2 * margin < size:
             raise ValueError(f"box mask: a {size}-pixel box does not fit {margin} pixels inside a {n}-pixel image")
         top, left = (int(v) for v in np.random.default_rng(seed).integers(margin, n - margin - size, 2, endpoint=True))
     elif top is None:
@@ -266,17 +277,19 @@ def box_mask(image_size, size=None, top=None, left=None, margin=None, seed=0):
     return mask
 
 
-def random_mask(image_size, drop=0.7, seed=0):
+def random_mask(image_size, drop: float = 0.7, seed: int = 0):
     """n×n mask, 1 = observed, with exactly round(drop·n²) pixels dropped, chosen by default_rng(seed)."""
     if not 0 <= drop <= 1:
         raise ValueError(f"random mask: drop must be in [0, 1], got {drop!r}")
+    if seed < 0:
+        raise ValueError(f"random mask: seed must be a non-negative integer, got {seed}")
     n = image_size
     mask = torch.ones(n * n)
     mask[np.random.default_rng(seed).choice(n * n, round(drop * n * n), replace=False)] = 0
     return mask.view(n, n)
 
 
-def file_mask(image_size, path):
+def file_mask(image_size, path: str):
     """n×n mask read from a greyscale image (> 127 = observed), resized with nearest neighbour."""
     try:
         with Image.open(path) as image:
@@ -308,8 +321,22 @@ class Inpainting(Operator):
 # --- construction by name ------------------------------------------------------------------------------------------
 
 
+def _accepts(value, annotation):
+    """Does a YAML value fit a parameter annotated int, float, str, None or a union of them? Floats must be finite."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return any(_accepts(value, option) for option in typing.get_args(annotation))
+    if annotation in (None, type(None)):
+        return value is None
+    if isinstance(value, bool):
+        return annotation is bool
+    if annotation is float:
+        return isinstance(value, (int, float)) and math.isfinite(value)
+    return annotation is inspect.Parameter.empty or isinstance(value, annotation)
+
+
 def _call(fn, label, *args, **params):
-    """fn(*args, **params), reporting an unknown or missing keyword as a one-line ValueError."""
+    """fn(*args, **params), reporting an unknown or missing keyword, or a value of the wrong type, as a one-line
+    ValueError."""
     signature = inspect.signature(fn)
     named = list(signature.parameters.values())[len(args) :]
     accepted = ", ".join(p.name for p in named if p.kind != p.VAR_KEYWORD) or "none"
@@ -321,6 +348,11 @@ def _call(fn, label, *args, **params):
         signature.bind(*args, **params)
     except TypeError as error:
         raise ValueError(f"{label}: {error}; accepted parameters: {accepted}") from None
+    hints = typing.get_type_hints(fn.__init__ if inspect.isclass(fn) else fn)
+    for name, value in params.items():
+        if name in hints and not _accepts(value, hints[name]):
+            kind = getattr(hints[name], "__name__", None) or str(hints[name]).replace("NoneType", "None")
+            raise ValueError(f"{label}: '{name}' must be {'a finite ' if 'float' in kind else ''}{kind}, got {value!r}")
     return fn(*args, **params)
 
 
@@ -328,14 +360,14 @@ KERNELS = {"gaussian": gaussian_kernel, "motion": motion_kernel}
 MASKS = {"box": box_mask, "random": random_mask}
 
 
-def blur(image_size, kernel="gaussian", **params):
+def blur(image_size, kernel: str = "gaussian", **params):
     """Blur with kernel 'gaussian' (kernel_size, std) or 'motion' (kernel_size, intensity, seed); any image size."""
     if kernel not in KERNELS:
         raise ValueError(f"unknown blur kernel {kernel!r}; choose one of: {', '.join(KERNELS)}")
     return Blur(_call(KERNELS[kernel], f"blur kernel '{kernel}'", **params))
 
 
-def inpainting(image_size, mask="box", **params):
+def inpainting(image_size, mask: str = "box", **params):
     """Inpainting with mask 'box' (size, top, left | margin, seed), 'random' (drop, seed) or a mask image path."""
     if mask in MASKS:
         return Inpainting(_call(MASKS[mask], f"inpainting mask '{mask}'", image_size, **params))

@@ -5,7 +5,8 @@ Every solver has the signature
     fn(prior, op, y, cfg, *, c, uc, generator=None, callback=None) -> x    # (B,3,H,W) in [-1,1]
 
 with `y` the (B, ...) measurement of `op`, `c`/`uc` the prompt and null-prompt embeddings ((1 or B), L, D),
-`generator` one torch.Generator or one per batch element, and `callback(info: dict)` called after every step.
+`generator` one torch.Generator or one per batch element, and `callback(info: dict)` called after every step with
+at least i, steps, t and the Tweedie estimate z0 (treg and psld add the step's input latent z and its ε̂).
 Solvers do no I/O. The loops share the small helpers in treg.diffusion and treg.linalg, not a base class.
 """
 import dataclasses
@@ -108,6 +109,7 @@ def treg(prior, op, y, cfg, *, c, uc, generator=None, callback=None):
     z, c, uc = _start(prior, op, y, c, uc, generator)
     dc_until = round(cfg.dc_until * cfg.steps)
     for i, (t, a, a_prev) in enumerate(schedule(prior.alphas_cumprod, cfg.steps, cfg.official_shift)):
+        z_t, info = z, {}
         if i % cfg.dc_every == 0 and i < dc_until:
             # 1. Tweedie estimate under classifier-free guidance
             eps = guided_eps(prior, z, t, uc, c, cfg.cfg_guidance)
@@ -123,9 +125,7 @@ def treg(prior, op, y, cfg, *, c, uc, generator=None, callback=None):
             z0_blend = a_prev * z0y + (1 - a_prev) * z0
             noise = randn(z.shape, generator, z.device)
             z = a_prev ** 0.5 * z0_blend + (1 - a_prev) * eps + (a_prev * (1 - a_prev)) ** 0.5 * noise
-            if callback:
-                callback({"i": i, "steps": cfg.steps, "t": t, "z0": z0, "x0y": x0y})
-            continue
+            info = {"x0y": x0y, "noise": noise}
         elif cfg.use_DPS:
             # latent DPS step with the (adapted) null text only, w = 0, as in the official code
             eps, z0, grad = dps_gradient(prior, op, y, z, t, a, lambda z_: prior.eps(z_, t, uc))
@@ -136,7 +136,7 @@ def treg(prior, op, y, cfg, *, c, uc, generator=None, callback=None):
             z0 = tweedie(z, eps, a)
             z = ddim_step(z0, eps, a_prev)
         if callback:
-            callback({"i": i, "steps": cfg.steps, "t": t, "z0": z0})
+            callback({"i": i, "steps": cfg.steps, "t": t, "z": z_t, "z0": z0, "eps": eps, **info})
     return prior.decode(z0)
 
 
@@ -189,9 +189,9 @@ def psld(prior, op, y, cfg, *, c, uc, generator=None, callback=None):
         eps_fn = lambda z_: guided_eps(prior, z_, t, uc, c, cfg.cfg_guidance)
         eps, z0, grad = tweedie_gradient(prior, z, a, eps_fn, psld_loss)
         # 2. DDIM step (η = 0) minus the gradient, unit step size as in the PSLD and official TReg code
-        z = ddim_step(z0, eps, a_prev) - grad
+        z_t, z = z, ddim_step(z0, eps, a_prev) - grad
         if callback:
-            callback({"i": i, "steps": cfg.steps, "t": t, "z0": z0})
+            callback({"i": i, "steps": cfg.steps, "t": t, "z": z_t, "z0": z0, "eps": eps})
     return prior.decode(z0)
 
 
