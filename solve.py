@@ -1,4 +1,4 @@
-"""Solve an inverse problem with a latent diffusion prior and a text prompt (TReg, ICLR 2025, and baselines).
+r"""Solve an inverse problem with a latent diffusion prior and a text prompt (TReg, ICLR 2025, and baselines).
 
 Examples (the official TReg README commands run unchanged; --model picks the prior):
 

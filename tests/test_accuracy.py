@@ -161,7 +161,11 @@ def test_bench_accuracy_end_to_end(tmp_path, monkeypatch, capsys):
     rows = {(r["setting"], r["solver"]): r for r in report["rows"]}
     assert set(rows) == {(s, m) for s in ("w=0", "true", "other") for m in ("treg", "ddim")}
     assert rows["w=0", "treg"]["cfg_guidance"] == 0 and rows["true", "treg"]["cfg_guidance"] == 4.0
-    assert rows["w=0", "treg"]["prompt_accuracy"] is None and 0 <= rows["true", "treg"]["prompt_accuracy"] <= 1
+    assert rows["w=0", "treg"]["prompt_accuracy"] is None
+    for setting in ("true", "other"):  # the row's accuracy is the share of its runs that landed where prompted
+        mine = [r for r in report["runs"] if r["setting"] == setting and r["solver"] == "treg"]
+        assert rows[setting, "treg"]["prompt_accuracy"] == sum(r["landed"] == r["prompted"] for r in mine) / len(mine)
+    assert rows["true", "treg"]["prompt_accuracy"] == 1.0
     assert rows["w=0", "ddim"]["nfe"] == 9 and rows["true", "ddim"]["nfe"] == 18  # CFG evaluates 2 latents
     assert rows["w=0", "treg"]["residual"] < rows["w=0", "ddim"]["residual"]  # ddim ignores y
     assert len(report["runs"]) == 6 and {"residual", "landed", "posterior_weight", "rel_l2"} <= set(report["runs"][0])

@@ -114,3 +114,10 @@ def test_output_names_stay_inside_workdir(prompt, tmp_path):
     path = (tmp_path / "recon" / f"00000-{name}.png").resolve()
     assert path.parent == (tmp_path / "recon").resolve()
     assert 0 < len(name) <= 80 and "/" not in name and "\\" not in name and not name.startswith(".")
+
+
+def test_help_renders_the_examples_as_written(capsys):
+    with pytest.raises(SystemExit):
+        solve.parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert "--img_path samples/cat_1.jpg \\\n" in out and "--steps STEPS" in out

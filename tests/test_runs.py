@@ -49,7 +49,12 @@ def test_limit_and_per_image_seeds(tmp_path):
     for name, image in first_two.items():  # image i's result does not depend on what else is solved
         assert np.array_equal(image, everything[name]), name
     rows = list(csv.DictReader(open(tmp_path / "all/metrics.csv")))
-    assert [r["index"] for r in rows] == ["0", "1", "2", "3"] and all(float(r["psnr"]) > 0 for r in rows)
+    assert [r["index"] for r in rows] == ["0", "1", "2", "3"]
+    for row in rows:  # the table's PSNR is that of the saved images (up to their 8-bit rounding)
+        label, recon = (everything[Path(kind) / f"{int(row['index']):05d}-a photo of a cat.png"] / 127.5 - 1
+                        for kind in ("label", "recon"))
+        mse = ((label - recon) ** 2).mean()
+        assert abs(float(row["psnr"]) - 10 * np.log10(4 / mse)) < 0.05, (row["psnr"], 10 * np.log10(4 / mse))
     record = json.loads((tmp_path / "all/run.json").read_text())
     umask = os.umask(0)
     os.umask(umask)
@@ -115,7 +120,12 @@ def test_compare_mode_writes_grid_and_table(tmp_path, capsys):
     for name in names:
         assert f"| {name} |" in table
         assert (tmp_path / f"cmp/recon/{name}/00000-a photo of a cat.png").exists()
-    assert table in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert table in out
+    settings = {line.split(":")[0]: line for line in err.splitlines() if line.split(":")[0] in names}
+    assert set(settings) == set(names)  # each method's settings, and which of them a flag set
+    assert "cfg_guidance 3.0 (--cfg_guidance)" in settings["ddim"] and "steps 6," in settings["ddim"]
+    assert "null_lr 0.001 (--null_lr)" in settings["treg"] and "null_lr" not in settings["dps"]
     rows = list(csv.DictReader(open(tmp_path / "cmp/metrics.csv")))
     assert sorted(r["method"] for r in rows) == names
     record = json.loads((tmp_path / "cmp/run.json").read_text())

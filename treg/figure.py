@@ -1,4 +1,4 @@
-"""A figure from solve.py runs of one image: measurement | one reconstruction per run | ground truth.
+r"""A figure from solve.py runs of one image: measurement | one reconstruction per run | ground truth.
 
 Each RUN_DIR is a solve.py workdir (input/, label/, recon/, run.json); the figure shows its image 0, labelled by the
 run's prompt and guidance weight w (run.json: args.prompt and the solver's cfg_guidance). The runs must share the

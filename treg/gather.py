@@ -1,4 +1,4 @@
-"""Gather a sweep: every run.json under ROOT (one solve.py --workdir per setting) into one table, sheet and plot.
+r"""Gather a sweep: every run.json under ROOT (one solve.py --workdir per setting) into one table, sheet and plot.
 
 A sweep is a shell loop over solve.py, one workdir per setting; then gather them:
 
