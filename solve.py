@@ -29,9 +29,9 @@ from tqdm import tqdm
 
 from treg import runs
 from treg.config import ConfigError, load_solver, load_task
+from treg.datasets import DATASETS, input_images
 from treg.diffusion import randn
-from treg.images import (ImageError, atomic_write, grid, list_images, load_image, original_size, save_image,
-                         viewable)
+from treg.images import ImageError, atomic_write, grid, load_image, original_size, save_image, viewable
 from treg.metrics import build_metrics
 from treg.operators import build_operator
 from treg.prior import DEFAULT_MODEL, PriorUnavailable, load_prior
@@ -76,6 +76,11 @@ def parse_args(argv=None):
     a("--use_DPS", action="store_true", default=None, help="latent DPS steps (w = 0) between TReg's DC steps")
     a("--dps_lamb", type=float, help="DPS step size of TReg's --use_DPS (default: √ᾱ' at each step)")
     a("--img_path", type=Path, default=Path("."), help="an image file, or a folder solved in sorted order")
+    a("--use_dataloader", action="store_true", help="solve --dataset's images instead of --img_path (official CLI)")
+    a("--dataset", help="with --use_dataloader: " + ", ".join(DATASETS) + " (food: Food-101's "
+      "test split; the others: every image under --root, sorted; see treg/datasets.py)")
+    a("--root", type=Path, help="with --use_dataloader: the dataset folder (Food-101: holds images/ and meta/)")
+    a("--target", help="with --dataset food: one class, by key or name (ice_cream, 'ice cream')")
     a("--workdir", type=Path, default=Path("workdir"), help="output folder (default: %(default)s)")
     a("--seed", type=int, default=42, help="image i (0-based, sorted) uses seed+i for y and the solver's noise, "
       "whatever --limit, --batch_size or the process count (default: %(default)s)")
@@ -275,7 +280,7 @@ def prepare(args, state):
     except (ValueError, TypeError) as err:
         raise ConfigError(str(err)) from None
     check_workdir(args.workdir)
-    paths = list_images(args.img_path)[: args.limit]
+    paths = input_images(args.img_path, args.use_dataloader, args.dataset, args.root, args.target)[: args.limit]
     if args.seed + len(paths) - 1 > SEED_MAX:
         raise ConfigError(f"--seed {args.seed} + image index overflows the 64-bit generator seed")
     for path in paths:  # headers only: a file that is no image, or a decompression bomb, fails here, not at image 700

@@ -1,0 +1,86 @@
+"""The official CLI's dataset flags: Food-101's test split in meta order, class by key or name, one-line errors."""
+import json
+from pathlib import Path
+
+import pytest
+
+import solve
+from treg.config import ConfigError
+from treg.datasets import dataset_images, food101, input_images
+from treg.images import ImageError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("target", ["ice_cream", "ice cream", "Ice cream", "  ICE   cream "])
+def test_food101_class_in_meta_order_by_key_or_name(food101_dir, target):
+    root, split = food101_dir
+    files = food101(root, target)
+    assert [f.relative_to(root / "images").with_suffix("").as_posix() for f in files] == split["ice_cream"]
+    assert files != sorted(files)  # the meta order, not the sorted one
+
+
+def test_food101_txt_meta_and_torchvision_parent_folder(food101_dir):
+    root, split = food101_dir
+    (root / "meta" / "test.json").unlink()  # only test.txt left
+    files = dataset_images("food", root.parent, "fried_rice")  # the folder that holds food-101/
+    assert [f.parent.name + "/" + f.stem for f in files] == split["fried_rice"]
+    everything = dataset_images("food", root)
+    assert len(everything) == sum(map(len, split.values())) and len(set(everything)) == len(everything)
+
+
+def bad_cases(root):
+    return {
+        "unknown class": (("food", root, "ice creams"), ConfigError, "did you mean ice_cream"),
+        "not food-101": (("food", root / "images", None), ImageError, "not a Food-101 folder"),
+        "unsupported key": (("imagenet_pair", root, None), ConfigError, "not supported"),
+        "unknown key": (("celeba", root, None), ConfigError, "--dataset must be one of"),
+        "target on a folder dataset": (("ffhq", root, "x"), ConfigError, "has no classes"),
+        "no root": (("ffhq", None, None), ConfigError, "needs --root"),
+    }
+
+
+@pytest.mark.parametrize("case", ["unknown class", "not food-101", "unsupported key", "unknown key",
+                                  "target on a folder dataset", "no root"])
+def test_bad_dataset_arguments_are_one_line_errors(food101_dir, case):
+    args, error, expected = bad_cases(food101_dir[0])[case]
+    with pytest.raises(error) as info:
+        dataset_images(*args)
+    assert expected in str(info.value) and "\n" not in str(info.value)
+
+
+def test_missing_image_listed_in_meta_is_reported(food101_dir):
+    root, split = food101_dir
+    (root / "images" / f"{split['ice_cream'][1]}.jpg").unlink()
+    with pytest.raises(ImageError, match="1 of 3 Food-101 images are missing"):
+        food101(root, "ice_cream")
+
+
+def test_folder_dataset_is_every_image_recursively_sorted(food101_dir):
+    root = food101_dir[0]
+    files = dataset_images("imagenet1k", root / "images")
+    assert files == sorted(files) and len(files) == 9 and files[0].parent.name == "apple_pie"
+
+
+def test_dataset_flags_without_use_dataloader_are_an_error(food101_dir):
+    with pytest.raises(ConfigError, match="need --use_dataloader"):
+        input_images(Path("."), False, "food", food101_dir[0], None)
+
+
+def test_solve_with_the_official_dataset_flags(food101_dir, tmp_path):
+    root, split = food101_dir
+    workdir = tmp_path / "out"
+    solve.main(["--model", "analytic", "--use_dataloader", "--dataset", "food", "--root", str(root),
+                "--target", "ice cream", "--limit", "2", "--image_size", "64", "--prompt", "a photography of an ice cream",
+                "--workdir", str(workdir), "--device", "cpu"])
+    run = json.loads((workdir / "run.json").read_text())
+    assert [Path(r["path"]).parent.name + "/" + Path(r["path"]).stem for r in run["images"]] == split["ice_cream"][:2]
+    assert sorted(p.name for p in (workdir / "recon").iterdir()) == [
+        "00000-a photography of an ice cream.png", "00001-a photography of an ice cream.png"]
+
+
+def test_solve_with_an_unknown_class_exits_with_one_line(food101_dir, tmp_path):
+    with pytest.raises(SystemExit) as stop:
+        solve.main(["--model", "analytic", "--use_dataloader", "--dataset", "food", "--root", str(food101_dir[0]),
+                    "--target", "spaghetti", "--workdir", str(tmp_path / "out")])
+    assert str(stop.value.code).startswith("error: --target 'spaghetti'") and not (tmp_path / "out").exists()
