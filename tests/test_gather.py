@@ -122,8 +122,35 @@ def test_plot_is_skipped_when_x_does_not_vary(sweep, tmp_path, capsys):
 def test_bad_root_or_metric_exits_2_and_writes_nothing(case, sweep, tmp_path, capsys):
     root, out = tmp_path / "root", tmp_path / "out"
     root.mkdir()
-    argv = {"empty": [root], "missing": [tmp_path / "nope"], "unknown metric": [sweep, "--metric", "fid"]}[case]
+    argv = {"empty": [root], "missing": [tmp_path / "nope"], "unknown metric": [sweep, "--metric", "sharpness", "--no_fid"]}[case]
     assert run_gather([*argv, "--out", out]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and len(err.splitlines()) == 1
     assert not out.exists() and not any(root.iterdir())
+
+
+def test_fid_and_kid_per_run_with_an_injected_extractor(sweep, tmp_path, monkeypatch):
+    from treg import fid
+
+    def channel_stats(x):  # a stand-in for Inception: per-channel means and standard deviations
+        return torch.cat([x.mean((2, 3)), x.std((2, 3))], 1).numpy()
+
+    monkeypatch.setattr(fid, "load_inception", lambda device: channel_stats)
+    assert run_gather([sweep, "--out", tmp_path]) is None
+    with open(tmp_path / "summary.csv", newline="") as f:
+        table = {r["run"]: r for r in csv.DictReader(f)}
+    for w, lr in GRID:
+        images = run_json(sweep, w, lr)["images"]
+        recon = [sweep / f"w{w}_lr{lr}" / "recon" / Path(r["files"]["recon/treg"]).name for r in images]
+        label = [sweep / f"w{w}_lr{lr}" / "label" / Path(r["files"]["label"]).name for r in images]
+        expected = fid.set_metrics(recon, label, channel_stats)
+        assert float(table[f"w{w}_lr{lr}"]["fid"]) == pytest.approx(expected["fid"], rel=1e-6)
+        assert float(table[f"w{w}_lr{lr}"]["kid"]) == pytest.approx(expected["kid"], rel=1e-6, abs=1e-12)
+
+
+def test_fid_is_skipped_with_one_note_without_pytorch_fid(sweep, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "pytorch_fid", None)
+    assert run_gather([sweep, "--out", tmp_path]) is None
+    notes = [line for line in capsys.readouterr().err.splitlines() if "FID/KID" in line]
+    assert len(notes) == 1 and "pip install pytorch-fid" in notes[0]
+    assert "fid" not in next(csv.DictReader(open(tmp_path / "summary.csv", newline="")))

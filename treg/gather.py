@@ -10,7 +10,8 @@ A sweep is a shell loop over solve.py, one workdir per setting; then gather them
     python -m treg.gather runs/sweep
 
 Writes into --out (default ROOT): summary.md and summary.csv (one row per run and method: the run folder, the method,
-the settings that differ across runs, then the metric means), sheet.png (ground truth, then the reconstructions of each
+the settings that differ across runs, then the metric means, and FID/KID of the run's reconstructions against its
+ground truths where pytorch-fid and its Inception weights are present, see treg/fid.py), sheet.png (ground truth, then the reconstructions of each
 run and method, one column per image) and plot.png (--metric against --x, one line per --lines value and per value of
 any other varying setting; skipped with a note when matplotlib is missing or --x does not vary).
 """
@@ -21,14 +22,17 @@ import json
 import sys
 from pathlib import Path
 
+import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from treg import fid
 from treg.images import atomic_write
+from treg.metrics import MetricUnavailable
 from treg.runs import fmt, markdown
 
 ARG_SETTINGS = ("task_config", "model", "prompt", "null_prompt", "seed", "img_path")  # CLI args that are settings
 TASK_SETTINGS = ("image_size", "noise_scale")  # resolved task fields that are settings
-METRIC_ORDER = ("residual", "noise_floor", "psnr", "ssim", "clip", "wall_seconds", "nfe", "peak_memory_mb", "images")
+METRIC_ORDER = ("residual", "noise_floor", "psnr", "ssim", "clip", "fid", "kid", "wall_seconds", "nfe", "peak_memory_mb", "images")
 SHORT = {"cfg_guidance": "w", "task_config": "task"}  # names in sheet and plot labels
 THUMB, PAD = 128, 4
 
@@ -40,6 +44,7 @@ def parse_args(argv=None):
     p.add_argument("--metric", help="metric for plot.png (default: psnr if present, else residual)")
     p.add_argument("--x", default="cfg_guidance", help="setting on the plot's x axis (default: %(default)s)")
     p.add_argument("--lines", default="null_lr", help="setting with one plot line per value (default: %(default)s)")
+    p.add_argument("--no_fid", action="store_true", help="skip FID/KID even where pytorch-fid and its weights are present")
     return p.parse_args(argv)
 
 
@@ -84,8 +89,17 @@ def load_rows(root):
             recon = {r["index"]: locate(r["files"].get(f"recon/{method}"), folder, workdir) for r in images}
             rows.append({"run": folder.relative_to(root).as_posix() if folder != root else root.resolve().name,
                          "method": method, "settings": {**cfg, **common},
-                         "metrics": run.get("metrics_mean", {}).get(method, {}), "recon": recon})
+                         "metrics": dict(run.get("metrics_mean", {}).get(method, {})), "recon": recon,
+                         "style": args.get("metrics_style", "ours")})
     return rows, {i: p for i, p in labels.items() if p}, names
+
+
+def add_set_metrics(rows, labels, extractor):
+    """FID and KID of each row's reconstructions against the ground truths of the same images (≥ 2 pairs)."""
+    for r in rows:
+        pairs = [(r["recon"][i], labels[i]) for i in sorted(r["recon"]) if r["recon"][i] and i in labels]
+        if len(pairs) >= 2:
+            r["metrics"] |= fid.set_metrics(*zip(*pairs), extractor, style=r["style"])
 
 
 def split(rows):
@@ -175,6 +189,11 @@ def main(argv=None):
     rows, labels, names = load_rows(args.root)
     if not rows:
         fail(f"no run.json under {args.root} (run solve.py with --workdir {args.root}/NAME first)")
+    if not args.no_fid:
+        try:
+            add_set_metrics(rows, labels, fid.load_inception(torch.accelerator.current_accelerator() or "cpu"))
+        except MetricUnavailable as err:
+            print(f"note: FID/KID skipped: {err}", file=sys.stderr)
     found = {k for r in rows for k in r["metrics"]}
     metrics = sorted(found, key=lambda k: (METRIC_ORDER.index(k) if k in METRIC_ORDER else 3.5, k))
     metric = args.metric or ("psnr" if "psnr" in found else "residual")

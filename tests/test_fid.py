@@ -1,0 +1,158 @@
+"""FID and KID: closed forms on Gaussians with known statistics, folders -> features -> score with an injected
+extractor, and the one-line degradation when pytorch-fid or its weights are missing."""
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from scipy import linalg
+
+from treg import fid
+from treg.metrics import MetricUnavailable
+
+
+def random_spd(rng, d, rank=None):
+    a = rng.normal(size=(d, rank or d))
+    return a @ a.T / d + (0 if rank else 0.1 * np.eye(d))
+
+
+def test_frechet_distance_of_diagonal_gaussians_is_the_closed_form():
+    rng = np.random.default_rng(0)
+    mu1, mu2 = rng.normal(size=5), rng.normal(size=5)
+    s1, s2 = rng.uniform(0.1, 2, 5), rng.uniform(0.1, 2, 5)  # standard deviations
+    closed = ((mu1 - mu2) ** 2).sum() + ((s1 - s2) ** 2).sum()
+    assert fid.frechet_distance(mu1, np.diag(s1 ** 2), mu2, np.diag(s2 ** 2)) == pytest.approx(closed, rel=1e-10)
+
+
+def test_frechet_distance_matches_sqrtm_for_full_covariances():
+    rng = np.random.default_rng(1)
+    mu1, mu2, s1, s2 = rng.normal(size=6), rng.normal(size=6), random_spd(rng, 6), random_spd(rng, 6)
+    # pytorch-fid's formula: tr S1 + tr S2 - 2 tr sqrtm(S1 S2)
+    expected = ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(linalg.sqrtm(s1 @ s2)).real
+    assert fid.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-8)
+
+
+def test_frechet_distance_is_zero_for_identical_singular_statistics():
+    rng = np.random.default_rng(2)
+    s = random_spd(rng, 40, rank=10)  # fewer images than dimensions, as 250 images in 2048 dims
+    # eigenvalues that are 0 in exact arithmetic come out at ±1e-16, whose square roots add up to ~1e-7
+    assert abs(fid.frechet_distance(np.ones(40), s, np.ones(40), s)) < 1e-6 * np.trace(s)
+    assert fid.frechet_distance(np.ones(40), s, np.zeros(40), s) == pytest.approx(40, abs=1e-6 * np.trace(s))
+
+
+def test_fid_of_samples_approaches_the_population_value():
+    rng = np.random.default_rng(3)
+    mu1, mu2, s1, s2 = np.zeros(3), np.array([1.0, 0, -1]), np.diag([1.0, 2, 0.5]), np.diag([0.5, 2, 1])
+    f1, f2 = rng.multivariate_normal(mu1, s1, 200_000), rng.multivariate_normal(mu2, s2, 200_000)
+    closed = 2 + (1 - 0.5 ** 0.5) ** 2 * 2
+    assert fid.frechet_distance(*fid.statistics(f1), *fid.statistics(f2)) == pytest.approx(closed, abs=0.02)
+
+
+def expected_cubic_kernel(m1, s1, m2, s2):
+    """E[(xᵀy/d + 1)³] for independent x ~ N(m1, diag s1²), y ~ N(m2, diag s2²), from the cumulants of the sum
+    u = Σ_i x_i y_i / d of independent terms."""
+    d = len(m1)
+    raw = lambda m, s: (m, m ** 2 + s ** 2, m ** 3 + 3 * m * s ** 2)  # Gaussian raw moments 1..3
+    (a1, a2, a3), (b1, b2, b3) = raw(m1, s1), raw(m2, s2)
+    w1, w2, w3 = a1 * b1 / d, a2 * b2 / d ** 2, a3 * b3 / d ** 3
+    k1, k2, k3 = w1.sum(), (w2 - w1 ** 2).sum(), (w3 - 3 * w2 * w1 + 2 * w1 ** 3).sum()
+    return 1 + 3 * k1 + 3 * (k2 + k1 ** 2) + (k3 + 3 * k2 * k1 + k1 ** 3)
+
+
+@pytest.mark.parametrize("shift", [0.0, 0.6])
+def test_kid_is_unbiased_for_the_population_mmd(shift):
+    d = 4
+    m1, s1 = np.zeros(d), np.ones(d)
+    m2, s2 = np.full(d, shift), np.full(d, 1.3 if shift else 1.0)
+    closed = (expected_cubic_kernel(m1, s1, m1, s1) + expected_cubic_kernel(m2, s2, m2, s2)
+              - 2 * expected_cubic_kernel(m1, s1, m2, s2))
+    rng = np.random.default_rng(4)
+    draws = [fid.kid(m1 + s1 * rng.normal(size=(400, d)), m2 + s2 * rng.normal(size=(400, d)), subsets=1)
+             for _ in range(40)]
+    standard_error = np.std(draws) / len(draws) ** 0.5
+    assert abs(np.mean(draws) - closed) < 4 * standard_error + 1e-12
+    if shift:
+        assert closed > 20 * standard_error  # the test can tell the two cases apart
+
+
+def test_unbiased_mmd_matches_the_pairwise_definition():
+    rng = np.random.default_rng(5)
+    x, y = rng.normal(size=(6, 3)), rng.normal(size=(6, 3)) + 0.5
+    k = lambda a, b: (a @ b / 3 + 1) ** 3
+    within = sum(k(x[i], x[j]) + k(y[i], y[j]) for i in range(6) for j in range(6) if i != j) / 30
+    cross = sum(k(x[i], y[j]) for i in range(6) for j in range(6)) / 36
+    assert fid.mmd2_unbiased(x, y) == pytest.approx(within - 2 * cross, rel=1e-12)
+
+
+def channel_stats(x):
+    """A stand-in feature extractor: per-channel means and standard deviations of [0,1] images, (B, 6)."""
+    return torch.cat([x.mean((2, 3)), x.std((2, 3))], 1).numpy()
+
+
+def write_pngs(folder, arrays):
+    folder.mkdir(parents=True)
+    files = []
+    for i, a in enumerate(arrays):
+        files.append(folder / f"{i:05d}.png")
+        Image.fromarray(a).save(files[-1])
+    return files
+
+
+def test_set_metrics_from_folders_with_an_injected_extractor(tmp_path):
+    rng = np.random.default_rng(6)
+    labels = [rng.integers(0, 256, (16, 16, 3), dtype=np.uint8) for _ in range(12)]
+    recons = [np.clip(a * 0.5 + 40, 0, 255).astype(np.uint8) for a in labels]  # low contrast, brighter
+    label_files, recon_files = write_pngs(tmp_path / "label", labels), write_pngs(tmp_path / "recon", recons)
+    feats = lambda arrays: channel_stats(torch.from_numpy(np.stack(arrays) / 255).permute(0, 3, 1, 2).float())
+    f_recon, f_label = feats(recons), feats(labels)
+    scores = fid.set_metrics(recon_files, label_files, channel_stats)
+    assert scores["fid"] == pytest.approx(fid.frechet_distance(*fid.statistics(f_recon), *fid.statistics(f_label)),
+                                          rel=1e-5)
+    assert scores["kid"] == pytest.approx(fid.kid(f_recon, f_label), rel=1e-5) and scores["kid"] > 0
+    # the official style stretches each image first, which undoes most of the contrast change
+    official = fid.set_metrics(recon_files, label_files, channel_stats, style="official")
+    assert official["fid"] < 0.1 * scores["fid"]
+
+
+def test_missing_pytorch_fid_is_one_line(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pytorch_fid", None)  # import fails as it does without torchvision
+    with pytest.raises(MetricUnavailable) as err:
+        fid.load_inception()
+    assert "\n" not in str(err.value) and "pip install pytorch-fid" in str(err.value)
+
+
+def fake_pytorch_fid(monkeypatch):
+    """A stand-in pytorch_fid.inception whose InceptionV3 records how it was built and returns (B,2048,1,1)."""
+    built = []
+
+    class InceptionV3(torch.nn.Module):
+        BLOCK_INDEX_BY_DIM = {64: 0, 192: 1, 768: 2, 2048: 3}
+
+        def __init__(self, blocks):
+            super().__init__()
+            built.append(blocks)
+
+        def forward(self, x):
+            return [x.mean((1, 2, 3))[:, None, None, None].expand(-1, 2048, 1, 1)]
+
+    module = types.ModuleType("pytorch_fid.inception")
+    module.InceptionV3 = InceptionV3
+    monkeypatch.setitem(sys.modules, "pytorch_fid", types.ModuleType("pytorch_fid"))
+    monkeypatch.setitem(sys.modules, "pytorch_fid.inception", module)
+    return built
+
+
+def test_missing_inception_weights_name_the_file_and_folder(monkeypatch, tmp_path):
+    built = fake_pytorch_fid(monkeypatch)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(MetricUnavailable) as err:
+        fid.load_inception()
+    message = str(err.value)
+    assert "\n" not in message and fid.INCEPTION_FILE in message and str(tmp_path / "hub" / "checkpoints") in message
+    assert built == []  # nothing was built, so nothing could try to download
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "hub" / "checkpoints" / fid.INCEPTION_FILE).write_bytes(b"stand-in")
+    features = fid.load_inception()(torch.rand(3, 3, 8, 8))
+    assert built == [[3]] and features.shape == (3, 2048) and features.dtype == np.float64
