@@ -97,6 +97,9 @@ def parse_args(argv=None):
       "configs/solver/<name>.yaml, run on the same y and seed; writes a grid per image and a table")
     a("--metrics", default="psnr,ssim", help="comma-separated: psnr, ssim, lpips (= lpips_vgg), lpips_alex, "
       "clip; unavailable ones are skipped with one line (default: %(default)s)")
+    a("--metrics_style", default="ours", help="ours: metrics on the output tensors; official: as the official "
+      "metric script (per-image min-max stretched 8-bit images, LPIPS fed [0,1]); see treg/metrics.py (default: "
+      "%(default)s)")
     a("--clip_model", default="openai/clip-vit-large-patch14", help="CLIP model for --metrics clip: hub id or "
       "local folder (default: %(default)s)")
     a("--limit", type=int, help="solve only the first N (≥ 1) images of the folder")
@@ -276,7 +279,8 @@ def prepare(args, state):
         raise ConfigError(f"--metrics ssim needs images of at least 11 pixels (its window), got {task.image_size}")
     try:
         op = build_operator(task.operator, task.image_size, **task.params).to(device)
-        metric_fns, notes = build_metrics(metric_names, device=device, clip_model=args.clip_model)
+        metric_fns, notes = build_metrics(metric_names, device=device, clip_model=args.clip_model,
+                                          style=args.metrics_style)
     except (ValueError, TypeError) as err:
         raise ConfigError(str(err)) from None
     check_workdir(args.workdir)

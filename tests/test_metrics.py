@@ -288,3 +288,41 @@ def test_clip_unavailable_raises_one_line(tmp_path, monkeypatch, model):
     assert "\n" not in str(err.value) and source in str(err.value) and expected in str(err.value)
     fns, warnings = build_metrics(["psnr", "clip"], device="cpu", clip_model=source)
     assert list(fns) == ["psnr"] and len(warnings) == 1 and source in warnings[0]
+
+
+# ------------------------------------------------------------------------------------------------ official metric style
+def official_script_view(x):
+    """An independent rendering of the official pipeline for (1,3,H,W) [-1,1]: clamp to [0,1], per-image min-max
+    stretch and 8-bit PNG as torchvision's save_image(normalize=True), then read back as uint8 (H,W,3)."""
+    from PIL import Image
+    img = ((x[0].permute(1, 2, 0).numpy() + 1) / 2).clip(0, 1)
+    img = (img - img.min()) / max(img.max() - img.min(), 1e-5)
+    buffer = __import__("io").BytesIO()
+    Image.fromarray(np.clip(img * 255 + 0.5, 0, 255).astype(np.uint8)).save(buffer, format="PNG")
+    return np.asarray(Image.open(buffer))
+
+
+def test_official_style_psnr_is_the_official_scripts(astronaut):
+    a, noisy, _ = astronaut
+    x, ref = to_tensor(noisy * 0.6 + 0.1), to_tensor(a)  # a contrast change that the stretch undoes
+    official = build_metrics(["psnr"], device="cpu", style="official")[0]["psnr"](x, ref).item()
+    expected = peak_signal_noise_ratio(official_script_view(ref).astype(np.float64),
+                                       official_script_view(x).astype(np.float64), data_range=255)
+    assert official == pytest.approx(expected, abs=1e-3)
+    ours = build_metrics(["psnr"], device="cpu")[0]["psnr"](x, ref).item()
+    assert official > ours + 3  # ours sees the contrast change, the stretched images hide it
+
+
+def test_official_style_lpips_is_fed_unit_range_images(lpips_dir, astronaut):
+    a, _, blurred = astronaut
+    x, ref = to_tensor(blurred), to_tensor(a)
+    fn = build_metrics(["lpips"], device="cpu", lpips_dir=lpips_dir, style="official")[0]["lpips"]
+    model = load_lpips("vgg", lpips_dir)
+    as_unit = lambda v: torch.from_numpy(official_script_view(v) / 255).permute(2, 0, 1)[None].float()
+    assert torch.allclose(fn(x, ref), model(as_unit(x), as_unit(ref)), rtol=1e-4, atol=1e-7)
+    assert not torch.allclose(fn(x, ref), model(x, ref), rtol=1e-2)
+
+
+def test_unknown_metrics_style_is_an_error():
+    with pytest.raises(ValueError, match="ours, official"):
+        build_metrics(["psnr"], device="cpu", style="paper")

@@ -62,6 +62,14 @@ def ssim(x, ref, win_size=11, sigma=1.5, k1=0.01, k2=0.03):
     return s.flatten(1).mean(1)
 
 
+def official_view(x):
+    """What the official metric script reads, from (B,3,H,W) images in [0,1]: each image min-max stretched to [0,1]
+    on its own (torchvision's save_image(normalize=True), which wrote every official PNG) and quantised to 8 bits."""
+    lo, hi = x.amin((1, 2, 3), keepdim=True), x.amax((1, 2, 3), keepdim=True)
+    stretched = (x - lo) / (hi - lo).clamp(min=1e-5)
+    return (stretched * 255 + 0.5).clamp(0, 255).floor() / 255
+
+
 def residual(y, Ax):
     """Per-image measurement residual ‖y − A x‖₂."""
     return (y - Ax).flatten(1).norm(dim=1)
@@ -214,13 +222,22 @@ class CLIPScore:
 
 # ----------------------------------------------------------------------------------------------------------- front door
 METRICS = ("psnr", "ssim", "lpips", "lpips_vgg", "lpips_alex", "clip")
+STYLES = ("ours", "official")
 
 
-def build_metrics(names, *, device, clip_model=DEFAULT_CLIP, lpips_dir=None):
-    """{name: f(x, ref, prompt) -> (B,)} for the requested metrics, plus one warning line per unavailable one."""
+def build_metrics(names, *, device, clip_model=DEFAULT_CLIP, lpips_dir=None, style="ours"):
+    """{name: f(x, ref, prompt) -> (B,)} for the requested metrics, plus one warning line per unavailable one.
+
+    style "ours" scores the [-1,1] tensors as they are. style "official" scores what the official metric script
+    scores: both images through `official_view` (per-image min-max stretch, 8 bits), PSNR/SSIM on those, and LPIPS
+    fed the stretched [0,1] images where it expects [-1,1] (the script never sets LPIPS' normalize=True). CLIP
+    score is the same in both styles (the official script has none).
+    """
     unknown = [n for n in names if n not in METRICS]
     if unknown:
         raise ValueError(f"unknown metric(s) {unknown}; valid: {', '.join(METRICS)}")
+    if style not in STYLES:
+        raise ValueError(f"metrics style must be one of {', '.join(STYLES)}, got {style!r}")
     fns, warnings, nets = {}, [], {}
     for name in dict.fromkeys(names):
         try:
@@ -237,4 +254,11 @@ def build_metrics(names, *, device, clip_model=DEFAULT_CLIP, lpips_dir=None):
                 fns[name] = lambda x, ref, prompt, s=score: s(x.to(device), prompt)
         except MetricUnavailable as err:
             warnings.append(f"{name} skipped: {err}")
+    if style == "official":
+        view = lambda x: official_view(((x.float() + 1) / 2).clamp(0, 1))
+        for name, fn in list(fns.items()):
+            if name.startswith("lpips"):
+                fns[name] = lambda x, ref, prompt=None, fn=fn: fn(view(x), view(ref))
+            elif name in ("psnr", "ssim"):
+                fns[name] = lambda x, ref, prompt=None, fn=fn: fn(2 * view(x) - 1, 2 * view(ref) - 1)
     return fns, warnings
