@@ -132,6 +132,15 @@ def test_psld_without_gluing_is_dps(tiny_prior):
     assert not torch.allclose(run(psld, PSLDConfig(steps=3, cfg_guidance=4.0, omega=0.5, gamma=0.5)), reference)
 
 
+def test_reddiff_returns_the_decode_after_the_last_adam_step(analytic, sr64):
+    """The documented choice: the output is D(z) with z after the last update (the official code's is before)."""
+    op, y, uc, c = sr64
+    seen = []
+    x = reddiff(analytic, op, y, REDDiffConfig(steps=4), c=c, uc=uc, generator=torch.Generator().manual_seed(0),
+                callback=seen.append)
+    assert torch.equal(x, analytic.decode(seen[-1]["z0"])) and not torch.equal(x, analytic.decode(seen[-2]["z0"]))
+
+
 # --- P2L ----------------------------------------------------------------------------------------------------------
 
 
@@ -161,6 +170,28 @@ def test_p2l_tunes_the_prompt_toward_the_measurement(analytic, sr64):
     at_start = [fit(seen[0], e) for e in (wrong, prompts[1], prompts[-1])]
     assert at_start[2] < at_start[1] < at_start[0], at_start
     assert (prompts[-1] - wrong).abs().max() > 10 * cfg.prompt_lr  # moved by many Adam steps of ≈ lr each
+
+
+def test_p2l_official_tuning_changes_the_prompt_at_the_first_step_only(analytic, sr64):
+    """prompt_tuning "first_step" (the official TReg code's effective behaviour): the prompt after step 0 is the
+    per-step variant's first update, and it stays exactly that for the rest of the solve."""
+    op, y, uc, _ = sr64
+    wrong = analytic.embed(["a rocket launch"])
+    runs = {}
+    for tuning in ("every_step", "first_step"):
+        seen = []
+        p2l(analytic, op, y, P2LConfig(steps=6, prompt_tuning=tuning), c=wrong, uc=uc,
+            generator=torch.Generator().manual_seed(0), callback=seen.append)
+        runs[tuning] = [info["c"] for info in seen]
+    first, every = runs["first_step"], runs["every_step"]
+    assert torch.equal(first[0], every[0]) and not torch.equal(first[0], wrong)
+    assert all(torch.equal(c, first[0]) for c in first[1:])
+    assert not torch.equal(every[-1], every[0])  # the default keeps tuning
+
+
+def test_p2l_official_yaml_is_the_official_settings():
+    name, cfg = load_solver(ROOT / "configs/solver/p2l-official.yaml", SOLVERS)
+    assert name == "p2l" and cfg == dataclasses.replace(P2LConfig(), prompt_tuning="first_step", cfg_guidance=4.0)
 
 
 # --- every baseline -------------------------------------------------------------------------------------------------

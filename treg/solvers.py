@@ -195,16 +195,26 @@ def psld(prior, op, y, cfg, *, c, uc, generator=None, callback=None):
     return prior.decode(z0)
 
 
+PROMPT_TUNING = ("every_step", "first_step")
+
+
 @dataclasses.dataclass
 class P2LConfig:
-    """P2L (Chung, Ye, Milanfar, Delbracio 2024) as re-implemented in the official TReg code: the prompt embedding
-    c is tuned by Adam at every step to fit y, then a latent DPS step uses the tuned prompt."""
+    """P2L (Chung, Ye, Milanfar, Delbracio 2024), with the settings of the TReg code's re-implementation: the prompt
+    embedding c is tuned by Adam to fit y, and a latent DPS step uses the tuned prompt.
+
+    prompt_tuning "every_step" (default) tunes c at every timestep, as the P2L paper describes. "first_step" runs it
+    as the official TReg code does: its loop is written to tune at every step, but after the first step
+    `c = c.detach()` rebinds the name, so later Adam steps update a tensor nothing reads and c stays as tuned at
+    t = 996. With "first_step" the later tuning passes are skipped rather than computed and discarded (so NFE and
+    time are lower than the official code spends); configs/solver/p2l-official.yaml adds its w = 4."""
     steps: int = bounded(200, 1, 1000)          # DDIM steps (official TReg p2l.yaml)
     cfg_guidance: float = bounded(1.0, 0, 100)  # w of the DPS step; 1 = tuned prompt only (P2LSolver.sample)
     official_shift: bool = True                 # TReg's ᾱ_{t-1} indexing (see treg.diffusion.schedule)
     prompt_lr: float = bounded(1e-4, 0, 1)      # Adam learning rate on c (official TReg code)
-    prompt_iters: int = bounded(1, 0, 1000)     # Adam steps on c per timestep (official TReg code)
+    prompt_iters: int = bounded(1, 0, 1000)     # Adam steps on c per tuned timestep (official TReg code)
     step_size: float = bounded(1.0, 0, 1e3)     # DPS step ζ (official TReg code: unit step)
+    prompt_tuning: str = one_of("every_step", PROMPT_TUNING)  # when c is tuned (see above)
 
 
 @torch.no_grad()
@@ -216,7 +226,7 @@ def p2l(prior, op, y, cfg, *, c, uc, generator=None, callback=None):
         # 1. prompt tuning: Adam on c for Σ_b ‖y_b − A D(ẑ0(z_t; c_b))‖², conditional prediction (w = 1), z_t fixed
         #    (the official code takes the MSE, a mean: the same Adam steps up to Adam's ε, but batch-dependent)
         with torch.enable_grad():
-            for _ in range(cfg.prompt_iters):
+            for _ in range(cfg.prompt_iters if cfg.prompt_tuning == "every_step" or i == 0 else 0):
                 fit = residual_norm(op, y, prior.decode(tweedie(z, prior.eps(z, t, c), a))).pow(2).sum()
                 opt.zero_grad()
                 fit.backward()
@@ -260,8 +270,13 @@ class REDDiffConfig:
     so λ means the same for every task and size. The official code takes means (data: over the M measured values,
     prior: over the N latent values), which is λ_sum = λ_mean·M/N; the default converts RLSD's λ_mean = 0.1 at
     TReg's headline task, ×16 SR at 512² (M = 3·32², N = 4·64²): 0.1·3072/16384 = 0.01875.
+    That conversion holds only at ×16 SR: M/N differs per task (Gaussian deblur at 512², M = 3·512², gives
+    λ_sum = 4.8 for the same λ_mean), so at other tasks this λ is a different regularisation strength than RLSD's.
     Timesteps: SD's DDIM grid (treg.diffusion.timesteps: 996, 991, …, 1 for 200 steps, as RLSD's
     `set_timesteps(200)`), with the unshifted ᾱ_t = alphas_cumprod[t] for the noising and the UNet's t.
+    Output: D(z) AFTER the last Adam step, the estimate that all `steps` updates produced. The official RED-diff
+    returns the estimate from before its last update; the two differ by one Adam step at t = 1, where w(t) ≈ 0.04
+    and the step is mostly a data-fit step. `callback` receives each step's updated z as z0.
     """
     steps: int = bounded(200, 1, 1000)          # timesteps swept (RLSD: 200; RED-diff pixel code: 50–1000)
     cfg_guidance: float = bounded(1.0, 0, 100)  # w of ε̂; 1 = conditional prediction only (RLSD: empty prompt)
