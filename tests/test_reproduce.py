@@ -1,16 +1,21 @@
 """treg.reproduce end to end: a fabricated Food-101 folder on the analytic prior (every method and table, FID with
 a stand-in extractor, resume, cost estimate) and once on the tiny SD folder."""
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from conftest import write_food101
+from PIL import Image
 
 from treg import fid, reproduce
 from treg.runs import fmt
 
+ROOT = Path(__file__).resolve().parent.parent
 ARGS = ["--limit", "2", "--steps", "3", "--image_size", "64", "--model", "analytic", "--device", "cpu"]
 
 
@@ -149,3 +154,23 @@ def test_reproduce_on_the_tiny_sd(tiny_sd, food101_dir, tmp_path, capsys):
     assert all(next(iter(r["images"][0]["results"].values()))["calls"]["unet"] > 0 for r in found.values())
     md = (out / "tables.md").read_text()
     assert md.count("| treg | ") == 6 and md.count("| p2l | ") == 6
+
+
+def test_two_process_accelerate_run_shards_every_run_and_matches_one_process(reproduced, tmp_path):
+    tmp, _, single, _ = reproduced
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "treg.reproduce",
+           *ARGS, "--food101", str(tmp), "--out", str(out), "--methods", "treg"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("treg.reproduce: 12 solves in 6 runs") == 1  # the estimate, from the main process
+    found = runs_of(out)
+    assert len(found) == 6 and (out / "tables.md").exists()
+    for name, run in found.items():
+        assert [(i["index"], i["process"]) for i in run["images"]] == [(0, 0), (1, 1)]
+        pngs = sorted((out / name / "recon").glob("*.png"))
+        assert len(pngs) == 2
+        for png in pngs:  # the same images as the one-process run
+            assert np.array_equal(np.asarray(Image.open(png)), np.asarray(Image.open(single / name / "recon" / png.name)))

@@ -165,7 +165,8 @@ def estimate(todo, skip_existing):
         n = remaining(run, skip_existing)
         seconds, kind = seconds_per_image(run)
         total, left, measured = total + n * seconds, left + n, measured + (kind == "measured") * n
-    return (f"treg.reproduce: {left} solves in {len(todo)} runs, estimated {total / 3600:.1f} h on one device "
+    cost = f"{total / 3600:.1f} h" if total >= 3600 else f"{total / 60:.1f} min"
+    return (f"treg.reproduce: {left} solves in {len(todo)} runs, estimated {cost} on one device "
             f"({measured} timed from finished images in this --out; the other {left - measured} at a guessed "
             f"{GPU_SECONDS_PER_UNIT} s per UNet-pass equivalent, SD-1.5 fp16 on an A100-class GPU, not measured)")
 
