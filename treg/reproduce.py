@@ -35,7 +35,7 @@ from treg import fid, runs
 from treg.config import ConfigError
 from treg.datasets import food101
 from treg.images import ImageError, atomic_write
-from treg.metrics import MetricUnavailable, build_metrics
+from treg.metrics import STYLES, MetricUnavailable, build_metrics
 from treg.prior import DEFAULT_MODEL
 from treg.solvers import SOLVERS
 
@@ -100,6 +100,8 @@ def plan(args):
         raise ConfigError(f"--methods: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(METHODS)}")
     if args.limit is not None and args.limit < 1:
         raise ConfigError("--limit must be at least 1")
+    if args.metrics_style not in STYLES:
+        raise ConfigError(f"--metrics_style must be one of {', '.join(STYLES)}, got {args.metrics_style!r}")
     images = {cls: len(food101(args.food101, cls)[: args.limit]) for cls in CLASSES}
     out = []
     for cls, name in CLASSES.items():
@@ -131,8 +133,9 @@ def solver_yaml(args, method):
 def argv_for(args, run, metrics):
     """The solve.py command line of one run."""
     method, task = run["method"], run["task"]
-    flags = METHODS[method][1] | ({"null_lr": NULL_LR[task] if run["table"] == "table12" else 1e-3}
-                                  if METHODS[method][0] == "treg" else {})  # README: "spaghetti" at 1e-3
+    flags = dict(METHODS[method][1])
+    if METHODS[method][0] == "treg":  # the official README's null_lr; its "spaghetti" command uses 1e-3
+        flags["null_lr"] = NULL_LR[task] if run["table"] == "table12" else 1e-3
     argv = ["--model", args.model, "--task_config", ROOT / "configs/task" / f"{TASKS[task]}.yaml",
             "--solver_config", solver_yaml(args, method), "--use_dataloader", "--dataset", "food",
             "--root", args.food101, "--target", run["class"], "--prompt", run["prompt"], "--null_prompt", NULL_PROMPT,
@@ -147,6 +150,7 @@ def argv_for(args, run, metrics):
 
 
 def remaining(run, skip_existing):
+    """How many of the run's images will be solved (with --skip_existing, those without a record)."""
     return sum(not (skip_existing and runs.record_path(run["workdir"], i).exists()) for i in range(run["images"]))
 
 
@@ -159,7 +163,7 @@ def seconds_per_image(run):
 
 
 def estimate(todo, skip_existing):
-    """Lines saying how many solves remain and what they should cost."""
+    """One line saying how many solves remain and what they should cost."""
     total, measured, left = 0.0, 0, 0
     for run in todo:
         n = remaining(run, skip_existing)
