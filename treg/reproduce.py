@@ -15,10 +15,10 @@ The protocol, as far as it is known (issue #12; the paper's own tables were not 
   image, y-MSE = ‖y − A x̂‖²/m and CLIP similarity to the prompt.
 
 Each (table, class, task, method) is one solve.py run in OUT/<table>/<class>/<task>/<method>, started in-process,
-so `accelerate launch` shards every run's images over processes and --skip_existing resumes image by image. The
-solver YAMLs used (with --steps applied) are written to OUT/configs. Before solving, it prints the number of
-solves and their estimated cost: measured seconds per image where this OUT already holds finished images of that
-run, else a stated guess. At the end it writes OUT/tables.md and OUT/tables.json.
+so `accelerate launch` shards every run's images over processes and --skip_existing resumes image by image;
+each run's run.json records its resolved settings. Before solving, it prints the number of solves and their
+estimated cost: measured seconds per image where this OUT already holds finished images of that run, else a
+stated guess. At the end it writes OUT/tables.md and OUT/tables.json.
 """
 import argparse
 import contextlib
@@ -27,7 +27,6 @@ import sys
 from pathlib import Path
 
 import torch
-import yaml
 from accelerate import PartialState
 
 import solve
@@ -117,19 +116,6 @@ def plan(args):
     return out
 
 
-def solver_yaml(args, method):
-    """OUT/configs/<yaml>.yaml: the method's solver YAML with --steps applied; the runs read this copy."""
-    stem = METHODS[method][0]
-    data = yaml.safe_load((ROOT / "configs/solver" / f"{stem}.yaml").read_text())
-    if args.steps is not None:
-        data["steps"] = args.steps
-    path = args.out / "configs" / f"{stem}.yaml"
-    atomic_write(path, lambda tmp: Path(tmp).write_text(
-        f"# configs/solver/{stem}.yaml as run by treg.reproduce" + (f" (steps: {args.steps})" if args.steps else "")
-        + "\n" + yaml.safe_dump(data, sort_keys=False)))
-    return path
-
-
 def argv_for(args, run, metrics):
     """The solve.py command line of one run."""
     method, task = run["method"], run["task"]
@@ -137,13 +123,14 @@ def argv_for(args, run, metrics):
     if METHODS[method][0] == "treg":  # the official README's null_lr; its "spaghetti" command uses 1e-3
         flags["null_lr"] = NULL_LR[task] if run["table"] == "table12" else 1e-3
     argv = ["--model", args.model, "--task_config", ROOT / "configs/task" / f"{TASKS[task]}.yaml",
-            "--solver_config", solver_yaml(args, method), "--use_dataloader", "--dataset", "food",
+            "--solver_config", ROOT / "configs/solver" / f"{METHODS[method][0]}.yaml", "--use_dataloader",
+            "--dataset", "food",
             "--root", args.food101, "--target", run["class"], "--prompt", run["prompt"], "--null_prompt", NULL_PROMPT,
             "--workdir", run["workdir"], "--metrics", ",".join(metrics), "--metrics_style", args.metrics_style,
             "--seed", args.seed, "--image_encoder", args.image_encoder, "--clip_model", args.clip_model]
     for key, value in flags.items():
         argv += [f"--{key}"] if value is True else [f"--{key}", value]
-    for key in ("limit", "image_size", "device", "dtype"):
+    for key in ("steps", "limit", "image_size", "device", "dtype"):
         if getattr(args, key) is not None:
             argv += [f"--{key}", getattr(args, key)]
     return [str(a) for a in argv + ["--skip_existing"] * args.skip_existing]
