@@ -55,7 +55,8 @@ METHODS = {
     "p2l": ("p2l-official", {}, True, 1200),                                     # P2L as the TReg code runs it
     "reddiff": ("reddiff", {}, True, 720),                                       # latent RED-diff, w = 1
 }
-METHODS |= {name: (name, {}, False, 1000) for name in ("ddrm", "pigdm") if name in SOLVERS}  # pixel-space priors
+# pixel-space priors, once they exist; their pass count is not known yet (1000 is a placeholder)
+METHODS |= {name: (name, {}, False, 1000) for name in ("ddrm", "pigdm") if name in SOLVERS}
 MISMATCHED = {"fried_rice": ("gauss-deblur", "spaghetti"), "ice_cream": ("sr16", "macarons")}
 # An assumption, not a measurement: SD-1.5 at 512² in fp16 on an A100-class GPU runs ~22 CFG steps/s.
 GPU_SECONDS_PER_UNIT = 0.045
@@ -71,7 +72,7 @@ PAPER = {("sr16", "ice_cream", "treg", "psnr"): (21.09, "a"), ("sr16", "fried_ri
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = solve.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # one-line errors
     a = p.add_argument
     a("--food101", type=Path, required=True, help="Food-101 folder (images/ and meta/, or the folder holding food-101/)")
     a("--out", type=Path, default=Path("runs/paper"), help="output folder (default: %(default)s)")
