@@ -127,6 +127,16 @@ def test_dry_run_on_a_fresh_folder_writes_no_runs(food101_dir, tmp_path, capsys)
     assert not list((tmp_path / "out").rglob("run.json"))
 
 
+def test_guessed_cost_scales_with_images_and_steps(food101_dir, tmp_path, capsys):
+    def minutes(*extra):
+        argv = ["--food101", food101_dir[0], "--out", tmp_path / "out", "--dry_run", "--methods", "dps", *extra]
+        return float(run_reproduce(argv, capsys)[1].split("estimated ")[1].split(" min")[0])
+    # latent DPS: 960 UNet-pass equivalents of 0.045 s per 200-step solve; 2 classes x 2 tasks, no Table 3 run
+    assert minutes("--limit", "1", "--steps", "200") == pytest.approx(4 * 960 * 0.045 / 60, abs=0.05)
+    assert minutes("--limit", "2", "--steps", "100") == pytest.approx(4 * 960 * 0.045 / 60, abs=0.05)
+    assert minutes("--limit", "3", "--steps", "100") == pytest.approx(1.5 * 4 * 960 * 0.045 / 60, abs=0.05)
+
+
 @pytest.mark.parametrize("case", ["missing class", "unknown method"])
 def test_bad_input_is_one_line(food101_dir, tmp_path, capsys, case):
     root = food101_dir[0]

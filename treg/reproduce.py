@@ -142,25 +142,25 @@ def remaining(run, skip_existing):
     return sum(not (skip_existing and runs.record_path(run["workdir"], i).exists()) for i in range(run["images"]))
 
 
-def seconds_per_image(run):
-    """(seconds, 'measured') from this run's finished records, else (guess, 'guess')."""
+def seconds_per_image(run, steps):
+    """(seconds, 'measured') from this run's finished records, else (guess for `steps` steps at 512², 'guess')."""
     times = [r["results"][m]["wall_seconds"] for r in runs.read_records(run["workdir"]) for m in r["results"]]
     if times:
         return sum(times) / len(times), "measured"
-    return METHODS[run["method"]][3] * GPU_SECONDS_PER_UNIT, "guess"
+    return METHODS[run["method"]][3] * GPU_SECONDS_PER_UNIT * (steps or 200) / 200, "guess"
 
 
-def estimate(todo, skip_existing):
+def estimate(todo, skip_existing, steps):
     """One line saying how many solves remain and what they should cost."""
     total, measured, left = 0.0, 0, 0
     for run in todo:
         n = remaining(run, skip_existing)
-        seconds, kind = seconds_per_image(run)
+        seconds, kind = seconds_per_image(run, steps)
         total, left, measured = total + n * seconds, left + n, measured + (kind == "measured") * n
     cost = f"{total / 3600:.1f} h" if total >= 3600 else f"{total / 60:.1f} min"
     return (f"treg.reproduce: {left} solves in {len(todo)} runs, estimated {cost} on one device "
             f"({measured} timed from finished images in this --out; the other {left - measured} at a guessed "
-            f"{GPU_SECONDS_PER_UNIT} s per UNet-pass equivalent, SD-1.5 fp16 on an A100-class GPU, not measured)")
+            f"{GPU_SECONDS_PER_UNIT} s per UNet-pass equivalent, SD-1.5 fp16 at 512² on an A100-class GPU, not measured)")
 
 
 def available_metrics(names, args):
@@ -253,7 +253,7 @@ def main(argv=None):
     try:
         todo = plan(args)
         if state.is_main_process:
-            print(estimate(todo, args.skip_existing), flush=True)
+            print(estimate(todo, args.skip_existing, args.steps), flush=True)
         if args.dry_run:
             for run in todo:
                 print(f"{run['workdir']}: {remaining(run, args.skip_existing)} of {run['images']} images to solve")
