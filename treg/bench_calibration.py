@@ -24,7 +24,9 @@ Statistics, each with a 95 % bootstrap interval over the seeds (1000 resamples):
 Row `exact` draws --seeds samples from the exact (or tilted) posterior itself: what a perfect sampler scores at this
 seed count (TV and W1 are not 0 at finite n). NFE counts noise predictions per image (CFG counts 2).
 
-    python -m treg.bench_calibration                         # the full report (~N min on one CPU core)
+    python -m treg.bench_calibration     # the full report: 32 min wall with 1 thread on the shared 2-core CPU
+                                         # (load 5-6), 16 min of CPU time (504 s user + 459 s system); p2l is
+                                         # about half of it (--solvers to leave it out)
     python -m treg.bench_calibration --solvers treg,dps --seeds 50 --steps 10,50 --out /tmp/cal
 
 Writes OUT.md, OUT.json and OUT.png (NFE curves) (default assets/calibration). Offline: the analytic prior only.
