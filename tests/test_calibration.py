@@ -149,7 +149,8 @@ def test_bench_calibration_end_to_end(tmp_path, capsys, monkeypatch):
     report = json.loads((tmp_path / "cal.json").read_text())
     assert [(r["steps"], r["solver"]) for r in report["calibration"]] == [("any", "exact")] + [
         (s, m) for s in (3, 5) for m in ("treg", "ddim")]
-    assert [(r["w"], r["solver"]) for r in report["guidance"]] == [(w, m) for w in (0, 2) for m in ("exact", "treg", "ddim")]
+    assert [(r["w"], r["solver"]) for r in report["guidance"]] == [
+        (w, m) for w in (0, 2) for m in ("exact", "treg", "ddim")]
     rows = {(r["steps"], r["solver"]): r for r in report["calibration"]}
     assert rows[5, "ddim"]["nfe"] == 5 and rows[3, "treg"]["nfe"] == 3  # w = 0: one noise prediction per step
     assert rows[5, "treg"]["stats"]["residual"][0] < rows[5, "ddim"]["stats"]["residual"][0]  # ddim ignores y

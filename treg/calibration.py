@@ -61,7 +61,8 @@ class Bed:
     """The prior, the operator, one measurement y (1, 3, 8, 8) of the cat with its "striped" detail, M = A∘decode
     as a dense (n, m) matrix acting on flat latents from the right (z @ M), MᵀM as `gram`, the exact
     posterior means (K, n) (the same for every prompt; n = 256 latent values), and MᵀM's eigenbasis `basis`
-    (n, n) with `measured` (n,) marking the eigenvectors M sees and `variance` (n,) the posterior variance along each."""
+    (n, n) with `measured` (n,) marking the eigenvectors M sees and `variance` (n,) the posterior variance along
+    each."""
     prior: WeightedPrior
     op: torch.nn.Module
     sigma: float
