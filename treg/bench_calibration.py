@@ -12,7 +12,8 @@ embedding, so π_uc is the base weights). Each cell solves the same y with --see
     conflict      prompt "rocket" (ruled out by y) at w = --conflict_w (--main_steps): residual and landing;
     sensitivity   each known-wrong variant of treg.calibration.VARIANTS against its solver, w = 0, at every
                   --sensitivity_steps, same seeds: flagged by each statistic whose paired difference (variant −
-                  correct) has an interval excluding 0.
+                  correct) has a Bonferroni-corrected interval (95 % jointly) excluding 0; a same-maths control
+                  must not be flagged.
 Statistics, each with a 95 % bootstrap interval over the seeds (1000 resamples):
     tv               ½Σ|landing frequency − target weight| over the 4 components (landed = nearest posterior mean);
     spread meas/null pooled within-component variance of the solutions in the measured / null directions of M,
