@@ -22,7 +22,7 @@ import dataclasses
 
 import torch
 
-from treg.config import bounded, one_of
+from treg.config import ConfigError, bounded, one_of
 from treg.diffusion import cfg as guided_eps, ddim_step, randn, schedule, tweedie
 
 
@@ -180,3 +180,21 @@ def implicit_residual(prior, infos, cfg, *, c, uc):
             gap = z - implicit_map(prior, z_next, t, a, a_prev, emb_c, emb_uc, cfg.cfg_guidance)(z)
             errors.append(gap.flatten(1).norm(dim=1) / z.flatten(1).norm(dim=1))
     return torch.stack(errors).mean(0) if errors else torch.zeros(len(infos[0]["z"]) if infos else 0)
+
+
+def warm_start(prior, op, y, cfg, *, c, uc, generator=None):
+    """EXPERIMENTAL solver start (cfg.init == "inversion"): (z, first step) with z the RNRI inversion of
+    encode(A⁺y), under the solver's triples and guidance, down to timestep cfg.init_invert_t, re-noised with fresh
+    noise up to the solver's first step, the first with t ≤ cfg.init_t. Plain start (z_T ~ N(0, I), step 0) else."""
+    triples = schedule(prior.alphas_cumprod, cfg.steps, cfg.official_shift)
+    invert_t = cfg.init_t if cfg.init_invert_t is None else cfg.init_invert_t
+    if invert_t > cfg.init_t:
+        raise ConfigError(f"init_invert_t ({invert_t}) must not exceed init_t ({cfg.init_t}): re-noising only adds noise")
+    first = next((i for i, (t, _, _) in enumerate(triples) if t <= cfg.init_t), len(triples) - 1)
+    stop = next((i for i, (t, _, _) in enumerate(triples) if t <= invert_t), len(triples) - 1)
+    inversion = InversionConfig(steps=cfg.steps, cfg_guidance=cfg.cfg_guidance, official_shift=cfg.official_shift,
+                                start_step=stop)
+    z = rnri(prior, prior.encode(op.pinv(y), generator), inversion, c=c, uc=uc, generator=generator)
+    # forward diffusion from the level of step `stop` to that of step `first`: q(z_first | z_stop)
+    keep = triples[first][1] / triples[stop][1]
+    return keep ** 0.5 * z + (1 - keep) ** 0.5 * randn(z.shape, generator, z.device).to(z), first
