@@ -101,9 +101,13 @@ def format_round_trips(rows):
 def warm_start_table(args):
     """bench_accuracy rows (×16 SR, treg and dps, true and other prompt) for the plain and warm starts."""
     from treg import bench_accuracy
-    settings = [("plain", {})] + [(f"inversion, init_t {t}" + (f", invert to {s}" if s != t else ""),
-                                   {"init": "inversion", "init_t": t, "init_invert_t": s})
-                                  for t, s in ((800, 800), (500, 500), (200, 200), (800, 200), (500, 100))]
+    # invert to t = 1 inverts nothing (the last step is the identity with the official shift): encode(A⁺y) is
+    # only re-noised to init_t, SDEdit from A⁺y, the baseline that tells what the inversion itself adds
+    label = lambda t, s: f"init_t {t}, " + ("deterministic" if s == t else "SDEdit (no inversion)" if s == 1
+                                             else f"invert to {s}, re-noise")
+    settings = [("plain (noise, t = 996)", {})] + [
+        (label(t, s), {"init": "inversion", "init_t": t, "init_invert_t": s})
+        for t, s in ((800, 800), (500, 500), (200, 200), (800, 200), (800, 1), (500, 100), (500, 1))]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for label, fields in settings:
