@@ -86,8 +86,8 @@ class TRegConfig:
     use_DPS: bool = False                     # latent DPS step (w = 0) on the steps without data consistency
     dps_lamb: float | None = bounded(None, 0, 1e3)  # DPS step size; None = √ᾱ' at each step
     init: str = one_of("noise", ("noise", "inversion"))  # EXPERIMENTAL "inversion": treg.inversion.warm_start
-    init_t: int = bounded(500, 1, 999)        # with init = inversion: start at the first step with t ≤ init_t
-    init_invert_t: int | None = bounded(None, 1, 999)  # ... after inverting A⁺y to here (None = init_t) and re-noising
+    init_t: int = bounded(500, 1, 999)        # with init = inversion: start at the first step with t ≤ init_t ...
+    init_invert_t: int = bounded(100, 1, 999)  # ... from A⁺y inverted to here, re-noised (= init_t: deterministic)
 
 
 def adaptive_negation(prior, x, uc, lr, iters):
@@ -155,8 +155,8 @@ class DPSConfig:
     official_shift: bool = True                 # TReg's ᾱ_{t-1} indexing (see treg.diffusion.schedule)
     step_size: float = bounded(1.0, 0, 1e3)     # ζ in z ← z' − ζ·∇‖y − A D(ẑ0)‖ (unit step: PSLD's ω = 1, γ = 0)
     init: str = one_of("noise", ("noise", "inversion"))  # EXPERIMENTAL "inversion": treg.inversion.warm_start
-    init_t: int = bounded(500, 1, 999)          # with init = inversion: start at the first step with t ≤ init_t
-    init_invert_t: int | None = bounded(None, 1, 999)  # ... after inverting A⁺y to here (None = init_t) and re-noising
+    init_t: int = bounded(500, 1, 999)          # with init = inversion: start at the first step with t ≤ init_t ...
+    init_invert_t: int = bounded(100, 1, 999)   # ... from A⁺y inverted to here, re-noised (= init_t: deterministic)
 
 
 @torch.no_grad()
