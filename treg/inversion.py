@@ -9,7 +9,7 @@ with ε̂ the classifier-free-guided prediction of the sampler that regenerates 
 The methods differ only in how they solve it per step, walking the schedule backwards from the clean latent
 (treated, as in FPI and RNRI, as the level-ᾱ_0 latent that the last step produces):
     ddim_inversion  F(z'): ε̂ evaluated at the wrong point, 1 ε̂ call per step;
-    fixed_point     u ← F(u), K times from u = z' (FPI, Pan et al. 2023 / Samuel et al. v1), K calls per step;
+    fixed_point     u ← F(u), K times from u = z' (FPI: Samuel et al., arXiv 2312.12540 v1), K calls per step;
     rnri            regularised scalar Newton steps (RNRI), K calls per step, best candidate kept.
 With official_shift the last step is a no-op (ᾱ = ᾱ'), whose inverse is the identity: no ε̂ call.
 
@@ -28,7 +28,7 @@ from treg.diffusion import cfg as guided_eps, ddim_step, randn, schedule, tweedi
 
 @dataclasses.dataclass
 class InversionConfig:
-    """Inversion settings; defaults from the FPI and RNRI code (see configs in the comments)."""
+    """Inversion settings; each default's source is in its comment (official FPI and RNRI code)."""
     method: str = one_of("rnri", ("ddim", "fpi", "rnri"))
     steps: int = bounded(50, 1, 1000)           # DDIM steps of the regenerating sampler (FPI/RNRI on SD: 50)
     cfg_guidance: float = bounded(2.0, 0, 100)  # w of inversion and regeneration (FPI/main.py:39-40: 2 for real images)
@@ -117,12 +117,14 @@ def rnri_loss(f, u, z0, a, alpha):
 
 @torch.no_grad()
 def rnri(prior, z0, cfg, *, c, uc, generator=None, callback=None):
+    # 1. clean latent, optionally prompt-adjusted; it also anchors the prior term of the loss
     z0, c, uc = _prepare(prior, z0, cfg, c, uc, generator)
     z = z0
     per_image = lambda x: x.flatten(1).mean(1).view(-1, *[1] * (x.dim() - 1))
     for i, t, a, a_prev in _steps(prior, cfg):
         z_next = z
         if a != a_prev:
+            # 2. K regularised Newton iterations on z = F(z) from u⁰ = z', one ε̂ call each
             F = implicit_map(prior, z_next, t, a, a_prev, c, uc, cfg.cfg_guidance)
             u, best, best_loss, first_loss = z_next, None, None, None
             for _ in range(cfg.iters):
@@ -137,6 +139,7 @@ def rnri(prior, z0, cfg, *, c, uc, generator=None, callback=None):
                 # scalar Newton step on L with the UNet Jacobian dropped: ∂L/∂u = −sign(F(u) − u), ‖∇L‖² = D,
                 # so u − L·∇L/‖∇L‖² = u + mean(ℓ)·sign(F(u) − u)  (sign(0) = 0: no division by zero)
                 u = u + loss * torch.sign(f - u)
+            # 3. the step's answer is the kept candidate F(u^k), not the last iterate
             z = best
         if callback:
             losses = {} if a == a_prev else {"loss": best_loss.flatten(), "ddim_loss": first_loss.flatten()}
@@ -171,9 +174,10 @@ def regenerate(prior, z, cfg, *, c, uc, callback=None):
 def implicit_residual(prior, infos, cfg, *, c, uc):
     """Mean over inverted steps of ‖z − F(z)‖/‖z‖ per image, (B,): how far each step's answer is from solving
     the implicit equation. `infos` are the dicts the inversion passed to its callback. One ε̂ call per step."""
+    triples = schedule(prior.alphas_cumprod, cfg.steps, cfg.official_shift)
     errors = []
     for info in infos:
-        t, a, a_prev = schedule(prior.alphas_cumprod, cfg.steps, cfg.official_shift)[info["i"]]
+        t, a, a_prev = triples[info["i"]]
         z, z_next = info["z"], info["z_next"]
         if a != a_prev:
             emb_c, emb_uc = _embeddings(z, c, uc)

@@ -52,9 +52,8 @@ def round_trip_psnr(prior, x, cfg, *, c, uc, generator=None):
     """The diagnostic of `solve.py --round_trip`: invert images x with the prompt, regenerate, and return the PSNR
     (B,) of the regenerated image against decode(encode(x))."""
     z0 = prior.encode(x, generator)
-    infos = []
-    z = invert(prior, z0, cfg, c=c, uc=uc, generator=generator, callback=infos.append)
-    return evaluate(prior, x, z0, z, infos, cfg, c=c, uc=uc)[1]["round_trip_psnr"]
+    back = regenerate(prior, invert(prior, z0, cfg, c=c, uc=uc, generator=generator), cfg, c=c, uc=uc)
+    return psnr(prior.decode(back).float().clamp(-1, 1), prior.decode(z0).float().clamp(-1, 1))
 
 
 def parse_args(argv=None):
