@@ -32,6 +32,8 @@ from treg.config import ConfigError, load_solver, load_task
 from treg.datasets import DATASETS, input_images
 from treg.diffusion import randn
 from treg.images import ImageError, atomic_write, grid, load_image, original_size, save_image, viewable
+from treg.invert import round_trip_psnr
+from treg.inversion import InversionConfig
 from treg.metrics import build_metrics
 from treg.operators import build_operator
 from treg.prior import DEFAULT_MODEL, PriorUnavailable, load_prior
@@ -39,7 +41,8 @@ from treg.profiling import OPERATOR_PARTS, PRIOR_PARTS, Profiler
 from treg.solvers import SOLVERS, residual_norm
 
 # CLI flags that override a field of the solver config when given (None = use the YAML's value)
-SOLVER_FLAGS = ("steps", "cfg_guidance", "cg_lamb", "null_lr", "use_AN", "use_DPS", "dps_lamb")
+SOLVER_FLAGS = ("steps", "cfg_guidance", "cg_lamb", "null_lr", "use_AN", "use_DPS", "dps_lamb", "init", "init_t",
+                "init_invert_t")
 SEED_MAX = 2 ** 63 - 1          # torch.Generator.manual_seed takes a signed 64-bit seed; image i uses seed + i
 # Working memory per image pixel of a solve beyond the model weights, measured as the growth of peak RSS on the
 # analytic prior (treg with SR x16: 434 / 709 / 1367 MB at 512² / 1024² / 2048²); a diffusers prior adds its VAE's
@@ -75,6 +78,12 @@ def parse_args(argv=None):
     a("--use_AN", action="store_true", default=None, help="turn on adaptive negation (TReg)")
     a("--use_DPS", action="store_true", default=None, help="latent DPS steps (w = 0) between TReg's DC steps")
     a("--dps_lamb", type=float, help="DPS step size of TReg's --use_DPS (default: √ᾱ' at each step)")
+    a("--init", choices=["noise", "inversion"], help="EXPERIMENTAL for treg/dps: 'inversion' starts at --init_t "
+      "from the RNRI inversion of encode(A⁺y) (default: YAML, noise; see treg.inversion.warm_start)")
+    a("--init_t", type=int, help="with --init inversion: the solver starts at the first step with t ≤ this")
+    a("--init_invert_t", type=int, help="with --init inversion: invert down to this t, re-noise to --init_t")
+    a("--round_trip", action="store_true", help="diagnostic: invert each solution with its prompt (RNRI, 50 steps, "
+      "the solver's w), regenerate it, report round_trip_psnr beside the other metrics")
     a("--img_path", type=Path, default=Path("."), help="an image file, or a folder solved in sorted order")
     a("--use_dataloader", action="store_true", help="solve --dataset's images instead of --img_path (official CLI)")
     a("--dataset", help="with --use_dataloader: " + ", ".join(DATASETS) + " (food: Food-101's "
@@ -371,6 +380,10 @@ def run(args, state, header):
             with torch.no_grad():
                 residual = residual_norm(op, y, x_hat)
                 scores = {k: fn(x_hat, x, [args.prompt] * len(batch)) for k, fn in metric_fns.items()}
+            if args.round_trip:
+                inversion = InversionConfig(cfg_guidance=getattr(cfg, "cfg_guidance", 1.0),
+                                            official_shift=getattr(cfg, "official_shift", True))
+                scores["round_trip_psnr"] = round_trip_psnr(prior, x_hat, inversion, c=c, uc=uc, generator=gens)
             for j in range(len(batch)):
                 results[j][method] = {"wall_seconds": round(wall / len(batch), 4), "residual": residual[j].item(),
                                       "noise_floor": floor, "metrics": {k: v[j].item() for k, v in scores.items()},

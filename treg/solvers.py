@@ -16,6 +16,7 @@ import torch
 
 from treg.config import bounded, one_of
 from treg.diffusion import cfg as guided_eps, ddim_step, randn, schedule, timesteps, tweedie
+from treg.inversion import warm_start
 from treg.linalg import prox
 
 
@@ -85,6 +86,9 @@ class TRegConfig:
     null_iters: int = bounded(10, 0, 10000)   # Adam steps per adaptive-negation call
     use_DPS: bool = False                     # latent DPS step (w = 0) on the steps without data consistency
     dps_lamb: float | None = bounded(None, 0, 1e3)  # DPS step size; None = √ᾱ' at each step
+    init: str = one_of("noise", ("noise", "inversion"))  # EXPERIMENTAL "inversion": treg.inversion.warm_start
+    init_t: int = bounded(500, 1, 999)        # with init = inversion: start at the first step with t ≤ init_t ...
+    init_invert_t: int = bounded(100, 1, 999)  # ... from A⁺y inverted to here, re-noised (= init_t: deterministic)
 
 
 def adaptive_negation(prior, x, uc, lr, iters):
@@ -107,8 +111,11 @@ def adaptive_negation(prior, x, uc, lr, iters):
 @torch.no_grad()
 def treg(prior, op, y, cfg, *, c, uc, generator=None, callback=None):
     z, c, uc = _start(prior, op, y, c, uc, generator)
+    z, first = warm_start(prior, op, y, cfg, c=c, uc=uc, generator=generator) if cfg.init == "inversion" else (z, 0)
     dc_until = round(cfg.dc_until * cfg.steps)
     for i, (t, a, a_prev) in enumerate(schedule(prior.alphas_cumprod, cfg.steps, cfg.official_shift)):
+        if i < first:
+            continue
         z_t, info = z, {}
         if i % cfg.dc_every == 0 and i < dc_until:
             # 1. Tweedie estimate under classifier-free guidance
@@ -147,12 +154,18 @@ class DPSConfig:
     cfg_guidance: float = bounded(0.0, 0, 100)  # w; 0 = null prompt only (TReg's DPS branch), 1 = conditional only
     official_shift: bool = True                 # TReg's ᾱ_{t-1} indexing (see treg.diffusion.schedule)
     step_size: float = bounded(1.0, 0, 1e3)     # ζ in z ← z' − ζ·∇‖y − A D(ẑ0)‖ (unit step: PSLD's ω = 1, γ = 0)
+    init: str = one_of("noise", ("noise", "inversion"))  # EXPERIMENTAL "inversion": treg.inversion.warm_start
+    init_t: int = bounded(500, 1, 999)          # with init = inversion: start at the first step with t ≤ init_t ...
+    init_invert_t: int = bounded(100, 1, 999)   # ... from A⁺y inverted to here, re-noised (= init_t: deterministic)
 
 
 @torch.no_grad()
 def dps(prior, op, y, cfg, *, c, uc, generator=None, callback=None):
     z, c, uc = _start(prior, op, y, c, uc, generator)
+    z, first = warm_start(prior, op, y, cfg, c=c, uc=uc, generator=generator) if cfg.init == "inversion" else (z, 0)
     for i, (t, a, a_prev) in enumerate(schedule(prior.alphas_cumprod, cfg.steps, cfg.official_shift)):
+        if i < first:
+            continue
         # 1. ε̂ (CFG) and the Tweedie estimate ẑ0, with ∇_z ‖y − A D(ẑ0)‖ through the UNet and the decoder
         eps_fn = lambda z_: guided_eps(prior, z_, t, uc, c, cfg.cfg_guidance)
         eps, z0, grad = dps_gradient(prior, op, y, z, t, a, eps_fn)
