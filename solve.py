@@ -60,8 +60,8 @@ def parse_args(argv=None):
       "whatever --limit, --batch_size or the process count (default: %(default)s)")
     a("--device", default=None, help="torch device: cpu, cuda, cuda:1, mps, ... (default: the process's "
       "accelerator if there is one, else cpu)")
-    a("--model", default=DEFAULT_MODEL, help="'analytic' (exact offline test prior), a hub id, or a local "
-      "diffusers folder (default: %(default)s)")
+    a("--model", default=DEFAULT_MODEL, help="'analytic' or 'analytic-pixel' (exact offline test priors), a hub "
+      "id, or a local diffusers folder: Stable Diffusion or an unconditional pixel UNet2DModel (default: %(default)s)")
     a("--image_encoder", default="auto", help="CLIP image encoder for adaptive negation, hub id or folder; "
       "'auto' = MODEL/image_encoder if present, else openai/clip-vit-large-patch14 (default: %(default)s)")
     a("--dtype", choices=["fp16", "bf16", "fp32"], help="model weight dtype (default: fp16 on an accelerator, "
@@ -151,6 +151,11 @@ def run(args, state, header):
 
     needs_clip = any(getattr(cfg, "use_AN", False) for _, cfg in solvers)
     prior = load_prior(args.model, device, dtype, image_encoder=args.image_encoder if needs_clip else None)
+    if not getattr(prior, "has_text", True):  # a pixel diffusion model (treg.pixel): unconditional
+        if needs_clip:
+            raise ConfigError(f"adaptive negation needs text and '{args.model}' has none; drop --use_AN")
+        if args.prompt or any(getattr(cfg, "cfg_guidance", 0) > 0 for _, cfg in solvers):
+            warnings.warn(f"'{args.model}' is an unconditional pixel model: the prompt and cfg_guidance are ignored")
     if args.gradient_checkpointing and hasattr(prior, "enable_gradient_checkpointing"):
         prior.enable_gradient_checkpointing()
     profiler = Profiler(device)

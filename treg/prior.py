@@ -106,8 +106,18 @@ def _load(what, cls, source, **kwargs):
             f"(huggingface-cli download {source}) or point --model at a local diffusers folder") from None
 
 
+def _hub_file(model, name):
+    """The folder holding `name` of hub repo `model` (downloaded or cached), or '' if it cannot be had."""
+    try:
+        from huggingface_hub import hf_hub_download
+        return str(Path(hf_hub_download(model, name)).parent.parent)
+    except Exception:  # offline, unknown id, no such file: the Stable Diffusion loader below reports it
+        return ""
+
+
 def load_prior(model=DEFAULT_MODEL, device="cpu", dtype=torch.float32, image_encoder=None):
-    """A prior for `model`: 'analytic', a Hugging Face hub id or a local diffusers folder.
+    """A prior for `model`: 'analytic', 'analytic-pixel', a Hugging Face hub id or a local diffusers folder (Stable
+    Diffusion, or an unconditional UNet2DModel with its scheduler: a pixel prior, treg.pixel).
 
     image_encoder: None (no CLIP image encoder; adaptive negation off), or a hub id / local folder of a
     `CLIPVisionModelWithProjection`; the string 'auto' means `<model>/image_encoder` when that folder exists,
@@ -116,11 +126,17 @@ def load_prior(model=DEFAULT_MODEL, device="cpu", dtype=torch.float32, image_enc
     if model == "analytic":
         from treg.analytic import AnalyticPrior
         return AnalyticPrior.from_folder().to(device)
+    from treg.pixel import AnalyticPixelPrior, is_pixel_folder, load_pixel_prior
+    if model == "analytic-pixel":
+        return AnalyticPixelPrior.from_folder().to(device)
+    if is_pixel_folder(model if Path(model).exists() else _hub_file(model, "unet/config.json")):
+        return load_pixel_prior(model, _load, device, dtype)
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
     if Path(model).exists() and not (Path(model) / "unet").is_dir():
-        raise PriorUnavailable(f"'{model}' is not a diffusers Stable Diffusion folder (no unet/ inside)")
+        raise PriorUnavailable(f"'{model}' is not a diffusers Stable Diffusion or pixel (UNet2DModel) folder "
+                               "(no unet/ inside)")
     parts = {name: _load(name, cls, model, subfolder=name, **kw) for name, cls, kw in [
         ("vae", AutoencoderKL, {"torch_dtype": dtype}),
         ("unet", UNet2DConditionModel, {"torch_dtype": dtype}),

@@ -2,7 +2,9 @@
 
 It has SD-1.5's geometry (4 latent channels, VAE downsampling 8, 77-token CLIP text encoder, the SD noise schedule)
 and about 1.6M parameters, so the whole CLI and every solver can be exercised on a CPU without downloading weights.
-Its images are meaningless. Usage: `python -m treg.tiny DIR` writes a folder that `--model DIR` loads.
+Its images are meaningless. Usage: `python -m treg.tiny DIR` writes a folder that `--model DIR` loads;
+`python -m treg.tiny --pixel DIR` writes a tiny unconditional pixel model instead (UNet2DModel and DDPMScheduler,
+the layout of google/ddpm-celebahq-256), a pixel prior (treg.pixel).
 """
 import json
 import sys
@@ -73,7 +75,23 @@ def build_tiny_sd(folder, seed=0):
     return folder
 
 
+def build_tiny_pixel(folder, seed=0):
+    """Write a tiny DDPM-pipeline folder (unet: UNet2DModel, scheduler: DDPMScheduler, ~0.2M parameters)."""
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    UNet2DModel(sample_size=32, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(16, 32),
+                down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+                norm_num_groups=8, attention_head_dim=8).save_pretrained(folder / "unet")
+    DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear").save_pretrained(folder / "scheduler")
+    (folder / "model_index.json").write_text(json.dumps(
+        {"_class_name": "DDPMPipeline", "scheduler": ["diffusers", "DDPMScheduler"], "unet": ["diffusers", "UNet2DModel"]}))
+    return folder
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python -m treg.tiny OUTPUT_FOLDER")
-    print(build_tiny_sd(sys.argv[1]))
+    pixel = sys.argv[1:2] == ["--pixel"]
+    if len(sys.argv) != 2 + pixel:
+        sys.exit("usage: python -m treg.tiny [--pixel] OUTPUT_FOLDER")
+    print((build_tiny_pixel if pixel else build_tiny_sd)(sys.argv[-1]))
