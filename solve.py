@@ -135,7 +135,8 @@ def run(args, state, header):
 
     # Everything that can be wrong with the input is checked before the model loads or any file is written.
     task = load_task(args.task_config, args.image_size)
-    solvers = solver_configs(args)
+    solvers = [(name, dataclasses.replace(cfg, sigma_y=task.noise_scale)  # ΠGDM and DDRM model y's noise
+                if getattr(cfg, "sigma_y", 0) is None else cfg) for name, cfg in solver_configs(args)]
     try:
         op = build_operator(task.operator, task.image_size, **task.params).to(device)
         metric_names = [m.strip() for m in args.metrics.split(",") if m.strip()]
