@@ -155,6 +155,8 @@ def run(args, state, header):
     if not getattr(prior, "has_text", True):  # a pixel diffusion model (treg.pixel): unconditional
         if needs_clip:
             raise ConfigError(f"adaptive negation needs text and '{args.model}' has none; drop --use_AN")
+        if "p2l" in dict(solvers):
+            raise ConfigError(f"p2l tunes the prompt and '{args.model}' has no text; choose another solver")
         if args.prompt or any(getattr(cfg, "cfg_guidance", 0) > 0 for _, cfg in solvers):
             warnings.warn(f"'{args.model}' is an unconditional pixel model: the prompt and cfg_guidance are ignored")
     if args.gradient_checkpointing and hasattr(prior, "enable_gradient_checkpointing"):

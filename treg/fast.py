@@ -134,6 +134,18 @@ def gain_solver(h, like, cg_iters):
     return solve
 
 
+def pigdm_guidance(eps_fn, measure, solve, x, y, mu, sigma, sigma_y):
+    """ε̂(x) and G = (∂x̂0/∂x)ᵀ Hᵀ (H Hᵀ + (σ_y/r)² I)⁻¹ (y − H x̂0), both float64, with x̂0 = (x − σε̂)/μ and
+    r² = σ² = 1 − ᾱ: r²·∇_x log N(y; H x̂0(x), r² H Hᵀ + σ_y² I) with the covariance held fixed (ΠGDM eq. 8)."""
+    with torch.enable_grad():
+        x = x.detach().requires_grad_()
+        eps = eps_fn(x)
+        seen = measure((x - sigma * eps) / mu)
+        v = solve((y - seen).detach().to(seen.dtype), (sigma_y / sigma) ** 2)
+        guidance, = torch.autograd.grad(seen, x, v)
+    return eps.detach().double(), guidance.double()
+
+
 @dataclasses.dataclass
 class PiGDMConfig:
     """ΠGDM (Song, Vahdat, Mardani, Kautz, ICLR 2023) as the CCI paper's continuous baseline: the ΠGDM-guided
@@ -165,15 +177,9 @@ def pigdm(prior, op, y, cfg, *, c, uc, generator=None, callback=None):
     x = mu * _measurement_inverse(prior, op, h, y) + sigma * randn(like.shape, generator, y.device).double()
     for n, k in enumerate(ks):
         mu, sigma = levels[n]
-        # 2. ε̂ and the ΠGDM guidance G = (∂x̂0/∂x)ᵀ Hᵀ (H Hᵀ + (σ_y/r_t)² I)⁻¹ (y − H x̂0), with r_t² = σ²:
-        #    r_t²·∇log p(y | x) (ΠGDM eq. 8), one vector–Jacobian product through the model (and the decoder)
-        with torch.enable_grad():
-            xg = x.to(y.dtype).requires_grad_()
-            eps = guided_eps(prior, xg, k, uc, c, cfg.cfg_guidance)
-            seen = measure((xg - sigma * eps) / mu)
-            v = solve((y - seen).detach().to(seen.dtype), (cfg.sigma_y / sigma) ** 2)
-            guidance, = torch.autograd.grad(seen, xg, v)
-        eps, guidance = eps.detach().double(), guidance.double()
+        # 2. ε̂ (text CFG) and the ΠGDM guidance, one vector–Jacobian product through the model (and decoder)
+        eps_fn = lambda x_: guided_eps(prior, x_, k, uc, c, cfg.cfg_guidance)
+        eps, guidance = pigdm_guidance(eps_fn, measure, solve, x.to(y.dtype), y, mu, sigma, cfg.sigma_y)
         x0 = (x - sigma * eps) / mu
         # 3. x̄ = x/μ: x̄ += Δρ·ε̂ + w·Δμ·G (ε̂ exactly, the guidance by Euler), then x = μ'·x̄
         mu_next, sigma_next = levels[n + 1]
