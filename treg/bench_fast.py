@@ -172,15 +172,16 @@ def figure(rows, path):
     for row_axes, task in zip(axes, tasks):
         mine = [r for r in rows if r["task"] == task and r["setting"] == "true"]
         for ax, (label, value) in zip(row_axes, metrics):
-            for name in dict.fromkeys(r["solver"] for r in mine):
+            for name in dict.fromkeys(r["solver"] for r in mine if r["solver"] != "exact"):
                 pts = sorted((r["nfe"], value(r)) for r in mine if r["solver"] == name and r["steps"] <= 20)
                 ax.plot(*zip(*pts), marker="o", label=name)
             ref = [r for r in mine if r["solver"] == "treg" and r["steps"] == 200][0]
             ax.axhline(value(ref), color="k", ls="--", lw=1, label="treg-200")
+            exact = [r for r in mine if r["solver"] == "exact"][0]
+            ax.axhline(value(exact), color="grey", ls=":", lw=1.5, label="exact posterior samples")
             ax.set_xscale("log")
             ax.set_xlabel("NFE per image")
             ax.set_title(f"{task}: {label}", fontsize=9)
-        row_axes[0].axhline(1.0, color="grey", lw=0.5)
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=90))
