@@ -13,6 +13,7 @@ clean level ᾱ = 1, so the last step returns a sample, not a Tweedie estimate. 
 """
 import dataclasses
 import math
+import warnings
 
 import torch
 from scipy.integrate import quad
@@ -78,6 +79,9 @@ def cci(prior, op, y, cfg, *, c, uc, generator=None, callback=None):
     like = _latent_like(prior, op, y)
     h = latent_operator(prior, op, like, surrogate=True)
     P = projector(h)
+    probe = P(randn(like.shape, torch.Generator().manual_seed(0), y.device).double())
+    if (P(probe) - probe).norm() > 1e-6 * probe.norm():  # e.g. motion blur's CG pinv: Φ⁻¹ amplifies the error
+        warnings.warn("cci: pinv∘A is not an exact projector for this operator; row-space errors grow by μ^-w")
     w, ks = cfg.w, start_grid(cfg.k_start, cfg.steps)
     levels = [_levels(prior, k) for k in ks] + [_levels(prior, None)]
     # Φ at every grid level, once per solve (b = −2 log μ; b = 0 at the clean end)
