@@ -209,7 +209,8 @@ class AnalyticPrior:
         from treg.operators import SuperResolution
         if self.shared_scale is None or h != w:
             return None
-        return max((s for s in SuperResolution.scales if s <= self.shared_scale and (self.vae_scale_factor * h) % s == 0),
+        size = self.vae_scale_factor * h
+        return max((s for s in SuperResolution.scales if s <= self.shared_scale and size % s == 0),
                    default=None)
 
     def _split(self, x, mu, scale, cg_iters=200, cg_rtol=1e-10):
