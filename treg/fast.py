@@ -42,10 +42,10 @@ def start_grid(k_start, steps):
     return [round(k_start * (1 - n / steps)) for n in range(steps)]
 
 
-def _measurement_inverse(prior, op, h, y):
-    """H⁺y on the diffusion variable; on Stable Diffusion (no exact H) encode(A⁺y)."""
+def _measurement_inverse(prior, op, h, y, generator):
+    """H⁺y on the diffusion variable; on Stable Diffusion (no exact H) encode(A⁺y), a VAE posterior sample."""
     if h is None or isinstance(h, LatentSurrogate):
-        return prior.encode(op.pinv(y)).double()
+        return prior.encode(op.pinv(y), generator).double()
     return h.pinv(y)
 
 
@@ -89,7 +89,7 @@ def cci(prior, op, y, cfg, *, c, uc, generator=None, callback=None):
     c, uc = c.expand(len(y), -1, -1), uc.expand(len(y), -1, -1)
 
     # 1. warm start x = μ₀·H⁺y + σ₀·n, split into the null-space and row-space parts of x̄ = Φ(x) (float64)
-    hy = P(_measurement_inverse(prior, op, h, y))
+    hy = P(_measurement_inverse(prior, op, h, y, generator))
     mu, sigma = levels[0]
     x = mu * hy + sigma * randn(like.shape, generator, y.device).double()
     nu, row = (x - P(x)) / mu, mu ** (w - 1) * P(x)
@@ -178,7 +178,7 @@ def pigdm(prior, op, y, cfg, *, c, uc, generator=None, callback=None):
 
     # 1. warm start x = μ₀·H⁺y + σ₀·n, as CCI
     mu, sigma = levels[0]
-    x = mu * _measurement_inverse(prior, op, h, y) + sigma * randn(like.shape, generator, y.device).double()
+    x = mu * _measurement_inverse(prior, op, h, y, generator) + sigma * randn(like.shape, generator, y.device).double()
     for n, k in enumerate(ks):
         mu, sigma = levels[n]
         # 2. ε̂ (text CFG) and the ΠGDM guidance, one vector–Jacobian product through the model (and decoder)
