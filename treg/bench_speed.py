@@ -120,7 +120,7 @@ def main(argv=None):
             try:
                 fast[f"{solver}, {steps} steps"] = breakdown(solve(args, folder, solver, steps="yaml"))
             except SystemExit as err:  # e.g. ddrm on Stable Diffusion: its one-line error goes in the report
-                refused[solver] = str(err.code)
+                refused[solver] = str(err.code).rsplit("error: ", 1)[-1]
     blur = blur_speed(args.image_size)
     columns = ["wall_s", *COLUMNS, "outside_models_%", "nfe", "peak_memory_mb"]
     text = (f"model {args.model if not args.model.endswith('tiny-sd') else 'tiny'}, ×16 SR at {args.image_size}², "
