@@ -36,9 +36,14 @@ class DecodedOperator:
         self.rtol = getattr(op, "pinv_rtol", 1e-6)  # eigh of MᵀM resolves s only down to ~1e-8·max
         self.v = None
         if n <= DENSE_LIMIT:
-            basis = torch.eye(n, dtype=torch.float64).view(n, *self.shape)
-            gram = self.adjoint(self.forward(basis)).flatten(1)
-            lam, v = torch.linalg.eigh((gram + gram.T) / 2)
+            # M as an (m, n) matrix, through whichever of M and Mᵀ has fewer basis vectors to push (SR: Mᵀ)
+            measured = self.forward(torch.zeros(1, *self.shape, dtype=torch.float64)).shape[1:]
+            m = math.prod(measured)
+            if m < n:
+                matrix = self.adjoint(torch.eye(m, dtype=torch.float64).view(m, *measured)).flatten(1)
+            else:
+                matrix = self.forward(torch.eye(n, dtype=torch.float64).view(n, *self.shape)).flatten(1).T
+            lam, v = torch.linalg.eigh(matrix.T @ matrix)  # MᵀM = V S² Vᵀ
             s = lam.clamp(min=0).sqrt()
             self.v, self.s = v, torch.where(s >= self.rtol * s.max(), s, torch.zeros_like(s))
 
