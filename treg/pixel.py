@@ -66,7 +66,7 @@ class PixelDiffusion:
 def is_pixel_folder(folder):
     """True for a diffusers folder holding an unconditional UNet2DModel (the DDPM pipeline layout)."""
     config = Path(folder) / "unet" / "config.json"
-    return config.is_file() and json.loads(config.read_text()).get("_class_name") == "UNet2DModel"
+    return bool(folder) and config.is_file() and json.loads(config.read_text()).get("_class_name") == "UNet2DModel"
 
 
 def load_pixel_prior(folder, load, device, dtype):
