@@ -2,6 +2,7 @@
 fine exponential-Euler solve of the same ODE, finite differences, the operators themselves and the exact posterior.
 The acceptance tests C1–C5 of the fast-samplers reference §3 run in float64 on the analytic prior (64 px)."""
 import dataclasses
+import json
 import math
 from pathlib import Path
 
@@ -317,3 +318,17 @@ def test_every_solver_runs_three_steps_on_pixel_priors(name, prior_name, pixel_p
     changes = {"steps": 3, **({"sigma_y": 0.01} if name in ("pigdm", "ddrm") else {})}
     x = run(name, prior, op, y, uc, c, **changes)
     assert x.shape == (1, 3, 64, 64) and torch.isfinite(x).all()
+
+
+def test_bench_fast_writes_its_table_json_and_figure(tmp_path):
+    """A small run of the accuracy-per-NFE benchmark: exact posterior samples score as calibrated (within-mode
+    distance ≈ 1), CCI-5 lands on the prompt at 10 NFE, and the three files are written."""
+    from treg import bench_fast
+    out = tmp_path / "fast"
+    bench_fast.main(["--seeds", "4", "--tasks", "super-resolution", "--methods", "cci-5,treg-5", "--out", str(out)])
+    rows = {(r["setting"], r["solver"]): r for r in json.loads(out.with_suffix(".json").read_text())["rows"]}
+    assert 0.7 < rows[("true", "exact")]["within_mode"][0] < 1.3 and rows[("true", "exact")]["hits"] == 4
+    assert rows[("true", "cci")]["nfe"] == 10 and rows[("true", "cci")]["hits"] == 4
+    assert rows[("w=0", "cci")]["nfe"] == 5 and rows[("w=0", "cci")]["hits"] is None  # no CFG branch without text
+    assert "| super-resolution · other · treg-5 |" in out.with_suffix(".md").read_text()
+    assert out.with_suffix(".png").stat().st_size > 10_000

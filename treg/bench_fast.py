@@ -19,7 +19,7 @@ interval half-width; Wilson interval for fractions):
     NFE          noise-prediction evaluations per image (CFG counts 2); backward passes are extra for cci, pigdm, dps
 
     python -m treg.bench_fast                               # 2 tasks × 3 settings × 8 seeds × 16 methods, ~4 min
-    python -m treg.bench_fast --seeds 2 --tasks super-resolution --out /tmp/fast
+    python -m treg.bench_fast --seeds 2 --tasks super-resolution --methods cci-5,treg-200 --out /tmp/fast
 
 Writes OUT.md, OUT.json and OUT.png (default assets/fast) and prints the table. Offline: analytic prior only.
 """
@@ -109,7 +109,7 @@ def run_task(task_name, args, bar):
         weights = torch.stack([p.log_weights.exp() for p in posts])  # (N, K²)
         expected = {cap: sum(weights[:, i].sum().item() for i, cp in enumerate(prior.captions) if cp == cap)
                     for cap in names}
-        for name, steps in [("exact", 0)] + METHODS:
+        for name, steps in [("exact", 0)] + args.methods:
             bar.set_description(f"{task_name} {setting} {name}-{steps}")
             for g, state in zip(gens, after_y):
                 g.set_state(state)
@@ -172,11 +172,11 @@ def figure(rows, path):
     for row_axes, task in zip(axes, tasks):
         mine = [r for r in rows if r["task"] == task and r["setting"] == "true"]
         for ax, (label, value) in zip(row_axes, metrics):
-            for name in dict.fromkeys(r["solver"] for r in mine if r["solver"] != "exact"):
-                pts = sorted((r["nfe"], value(r)) for r in mine if r["solver"] == name and r["steps"] <= 20)
-                ax.plot(*zip(*pts), marker="o", label=name)
-            ref = [r for r in mine if r["solver"] == "treg" and r["steps"] == 200][0]
-            ax.axhline(value(ref), color="k", ls="--", lw=1, label="treg-200")
+            few = [r for r in mine if r["solver"] != "exact" and r["steps"] <= 20]
+            for name in dict.fromkeys(r["solver"] for r in few):
+                ax.plot(*zip(*sorted((r["nfe"], value(r)) for r in few if r["solver"] == name)), marker="o", label=name)
+            for ref in [r for r in mine if r["steps"] > 20]:  # long runs (TReg-200) as reference lines
+                ax.axhline(value(ref), color="k", ls="--", lw=1, label=f"{ref['solver']}-{ref['steps']}")
             exact = [r for r in mine if r["solver"] == "exact"][0]
             ax.axhline(value(exact), color="grey", ls=":", lw=1.5, label="exact posterior samples")
             ax.set_xscale("log")
@@ -195,10 +195,13 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="first seed (default: %(default)s)")
     p.add_argument("--image_size", type=int, default=64, help="image side, at most 128 (default: %(default)s)")
     p.add_argument("--cfg_guidance", type=float, default=5.0, help="w of the text settings (README: 5.0)")
+    p.add_argument("--methods", default=",".join(f"{n}-{s}" for n, s in METHODS),
+                   help="comma-separated SOLVER-STEPS (default: %(default)s)")
     p.add_argument("--out", type=Path, default=Path("assets/fast"), help="writes OUT.md, OUT.json, OUT.png "
                    "(default: %(default)s)")
     args = p.parse_args(argv)
     args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    args.methods = [m.strip().rpartition("-") for m in args.methods.split(",") if m.strip()]
     return args
 
 
@@ -207,10 +210,15 @@ def main(argv=None):
     begin = time.perf_counter()
     torch.set_num_threads(1)
     try:
+        bad = [f"{n}-{s}" for n, _, s in args.methods if n not in SOLVERS or not s.isdigit()]
+        if bad or not args.methods:
+            raise ConfigError(f"--methods: not SOLVER-STEPS with a known solver: {', '.join(bad) or '(none)'}")
+        args.methods = [(n, int(s)) for n, _, s in args.methods]
         if args.seeds < 2 or args.image_size > 128:
             raise ConfigError("--seeds must be at least 2 (for intervals) and --image_size at most 128 (dense MᵀM)")
         rows, tasks = [], {}
-        with tqdm(total=len(args.tasks) * len(SETTINGS) * (len(METHODS) + 1), file=sys.stderr, unit="solve") as bar:
+        total = len(args.tasks) * len(SETTINGS) * (len(args.methods) + 1)
+        with tqdm(total=total, file=sys.stderr, unit="solve") as bar:
             for name in args.tasks:
                 r, tasks[name] = run_task(name, args, bar)
                 rows += r
