@@ -228,7 +228,7 @@ def ddrm(prior, op, y, cfg, *, c, uc, generator=None, callback=None):
     ks = [skip * i for i in reversed(range(cfg.steps))]  # DDRM's uniform grid 950, 900, …, 0 for 20 steps
     c, uc = c.expand(len(y), -1, -1), uc.expand(len(y), -1, -1)
 
-    x = randn(like.shape, generator, y.device).double()  # x_T ~ N(0, I)
+    x = randn(like.shape, generator, y.device).double()  # x_T ~ N(0, I); ᾱ_950 ≈ 0 makes ȳ's share negligible
     for n, k in enumerate(ks):
         a = float(prior.alphas_cumprod[k].double())
         a_next = float(prior.alphas_cumprod[ks[n + 1]].double()) if n + 1 < cfg.steps else 1.0
@@ -244,7 +244,7 @@ def ddrm(prior, op, y, cfg, *, c, uc, generator=None, callback=None):
         # 3. measured with more noise than the next level (s_next < σ_y/s): move towards ȳ by the ratio
         pulled = x0_bar + keep * (y_bar - x0_bar) / noise_of_y + cfg.eta * s_next * noise
         # 4. measured with less noise (s_next ≥ σ_y/s): ȳ (weight η_b) plus the noise y lacks
-        missing = (s_next ** 2 - (cfg.eta_b * noise_of_y.clamp(max=1e30)) ** 2).clamp(min=0) ** 0.5
+        missing = (s_next ** 2 - (cfg.eta_b * noise_of_y.clamp(max=1e30)) ** 2).clamp(min=0) ** 0.5  # no 0·∞ at s = 0
         anchored = (1 - cfg.eta_b) * x0_bar + cfg.eta_b * y_bar + missing * noise
         x_bar = torch.where(s == 0, unmeasured, torch.where(s_next < noise_of_y, pulled, anchored))
         x = a_next ** 0.5 * d.V(x_bar)
