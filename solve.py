@@ -95,8 +95,8 @@ def parse_args(argv=None):
       "whatever --limit, --batch_size or the process count (default: %(default)s)")
     a("--device", default=None, help="torch device: cpu, cuda, cuda:1, mps, ... (default: the process's "
       "accelerator if there is one, else cpu)")
-    a("--model", default=DEFAULT_MODEL, help="'analytic' (exact offline test prior), a hub id, or a local "
-      "diffusers folder (default: %(default)s)")
+    a("--model", default=DEFAULT_MODEL, help="'analytic' or 'analytic-pixel' (exact offline test priors), a hub "
+      "id, or a local diffusers folder: Stable Diffusion or an unconditional pixel UNet2DModel (default: %(default)s)")
     a("--image_encoder", default="auto", help="CLIP image encoder for adaptive negation, hub id or folder; "
       "'auto' = MODEL/image_encoder if present, else openai/clip-vit-large-patch14 (default: %(default)s)")
     a("--dtype", choices=["fp16", "bf16", "fp32"], help="model weight dtype (default: fp16 on an accelerator, "
@@ -282,7 +282,8 @@ def prepare(args, state):
     if not 1 <= args.batch_size <= 4096:
         raise ConfigError(f"--batch_size must be in [1, 4096], got {args.batch_size}")
     task = load_task(args.task_config, args.image_size)
-    solvers = solver_configs(args)
+    solvers = [(name, dataclasses.replace(cfg, sigma_y=task.noise_scale)  # ΠGDM and DDRM model y's noise
+                if getattr(cfg, "sigma_y", 0) is None else cfg) for name, cfg in solver_configs(args)]
     metric_names = [m.strip() for m in args.metrics.split(",") if m.strip()]
     if "ssim" in metric_names and task.image_size < 11:
         raise ConfigError(f"--metrics ssim needs images of at least 11 pixels (its window), got {task.image_size}")
@@ -304,6 +305,13 @@ def prepare(args, state):
 
 def check_prior(prior, task, solvers, args, device):
     """The checks that need the loaded prior (still before any file is written)."""
+    if not getattr(prior, "has_text", True):  # a pixel diffusion model (treg.pixel): unconditional
+        if any(getattr(cfg, "use_AN", False) for _, cfg in solvers):
+            raise ConfigError(f"adaptive negation needs text and '{args.model}' has none; drop --use_AN")
+        if "p2l" in dict(solvers):
+            raise ConfigError(f"p2l tunes the prompt and '{args.model}' has no text; choose another solver")
+        if args.prompt or any(getattr(cfg, "cfg_guidance", 0) > 0 for _, cfg in solvers):
+            warnings.warn(f"'{args.model}' is an unconditional pixel model: the prompt and cfg_guidance are ignored")
     multiple = getattr(prior, "size_multiple", prior.vae_scale_factor)
     if task.image_size % multiple:
         raise ConfigError(f"image_size {task.image_size} must be a multiple of {multiple} for this model "

@@ -7,7 +7,7 @@ from treg import bench_speed
 def test_bench_speed_reports_breakdown_nfe_and_memory(tmp_path, capsys):
     out = tmp_path / "speed"
     bench_speed.main(["--steps", "3", "--image_size", "64", "--solvers", "ddim,dps", "--device", "cpu",
-                      "--out", str(out)])
+                      "--fast", "cci,ddrm", "--out", str(out)])
     report = json.loads(out.with_suffix(".json").read_text())
     ddim, dps = report["solvers"]["ddim"], report["solvers"]["dps"]
     assert ddim["nfe"] == dps["nfe"] == 6  # 3 steps at w = 5: two noise predictions each
@@ -18,5 +18,8 @@ def test_bench_speed_reports_breakdown_nfe_and_memory(tmp_path, capsys):
     assert set(report["checkpointing"]) == {"dps", "dps + gradient checkpointing"}
     assert set(report["batching"]) == {"treg, batch 1", "treg, batch 4"}
     assert report["blur"]["fft_s"] > 0 and report["blur"]["conv2d_s"] > 0
+    cci = report["fast"]["cci, 5 steps"]  # its YAML's 5 steps, not --steps; one VJP through the UNet per step
+    assert cci["nfe"] == 10 and cci["unet_bwd_s"] > 0 and set(report["fast"]) == {"cci, 5 steps"}
+    assert "linear map" in report["refused"]["ddrm"]  # Stable Diffusion's decoder is nonlinear
     printed = capsys.readouterr().out
     assert printed == out.with_suffix(".md").read_text() + "\n" and "| dps |" in printed

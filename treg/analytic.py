@@ -191,7 +191,8 @@ class AnalyticPrior:
         if (h, w) not in self._means:
             if self.image_paths is None:
                 raise ValueError(f"this prior has means only at latent sizes {list(self._means)}, not {(h, w)}")
-            x = torch.cat([load_image(p, PATCH * h, PATCH * w) for p in self.image_paths]).to(self.device)
+            f = self.vae_scale_factor
+            x = torch.cat([load_image(p, f * h, f * w) for p in self.image_paths]).to(self.device)
             mu = self.encode(x)
             scale = self._shared_scale(h, w)
             if scale is not None:
@@ -208,7 +209,8 @@ class AnalyticPrior:
         from treg.operators import SuperResolution
         if self.shared_scale is None or h != w:
             return None
-        return max((s for s in SuperResolution.scales if s <= self.shared_scale and (PATCH * h) % s == 0),
+        size = self.vae_scale_factor * h
+        return max((s for s in SuperResolution.scales if s <= self.shared_scale and size % s == 0),
                    default=None)
 
     def _split(self, x, mu, scale, cg_iters=200, cg_rtol=1e-10):

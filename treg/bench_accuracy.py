@@ -196,6 +196,8 @@ def run_task(task_name, args, bar):
             row = {"task": task_name, "setting": setting, "solver": name}
             try:
                 cfg = solver_config(name, setting, args)
+                if getattr(cfg, "sigma_y", 0) is None:  # ΠGDM and DDRM: the noise y really has
+                    cfg = dataclasses.replace(cfg, sigma_y=sigma)
                 row["cfg_guidance"] = getattr(cfg, "cfg_guidance", None)
                 for g, state in zip(gens, after_y):
                     g.set_state(state)

@@ -25,18 +25,19 @@ from treg.runs import markdown_table
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def solve(args, folder, solver, extra=(), batch=1):
+def solve(args, folder, solver, extra=(), batch=1, steps=None):
     """Run solve.py on 2·batch copies of the cat and return the last image's result: the first batch pays the
-    one-off warm-up (allocator, oneDNN kernel selection) that a long run amortises."""
+    one-off warm-up (allocator, oneDNN kernel selection) that a long run amortises. `steps` = "yaml" keeps the
+    solver YAML's own step count; None uses --steps."""
     cfg = yaml.safe_load((ROOT / f"configs/solver/{solver}.yaml").read_text())
-    cfg["steps"] = args.steps
+    cfg["steps"] = cfg["steps"] if steps == "yaml" else args.steps
     cfg_path = folder / f"{solver}.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
     images = folder / f"images{batch}"
     images.mkdir(exist_ok=True)
     for k in range(2 * batch):
         (images / f"cat{k}.jpg").write_bytes((ROOT / "samples/cat_1.jpg").read_bytes())
-    workdir = folder / f"run-{solver}-{len(extra)}-{batch}"
+    workdir = folder / f"run-{solver}-{len(extra)}-{batch}-{steps}"
     cmd = [sys.executable, str(ROOT / "solve.py"), "--model", args.model, "--task_config",
            str(ROOT / "configs/task/super-resolution.yaml"), "--image_size", str(args.image_size),
            "--img_path", str(images), "--solver_config", str(cfg_path), "--prompt", "a photo of a cat",
@@ -91,6 +92,9 @@ def main(argv=None):
     p.add_argument("--image_size", type=int, default=512, help="(default: %(default)s)")
     p.add_argument("--device", help="torch device (default: as solve.py)")
     p.add_argument("--solvers", default="ddim,treg,dps,psld,p2l,reddiff", help="(default: %(default)s)")
+    p.add_argument("--fast", default="cci,pigdm,ddrm,treg", help="solvers also timed at their YAML step counts "
+                   "(the few-step solvers against TReg's 200; a solver the model cannot run is listed as an error) "
+                   "(default: %(default)s)")
     p.add_argument("--out", type=Path, default=ROOT / "assets/speed", help="output prefix (default: %(default)s)")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
@@ -110,6 +114,13 @@ def main(argv=None):
             checkpointing[f"{solver} + gradient checkpointing"] = breakdown(
                 solve(args, folder, solver, ["--gradient_checkpointing"]))
         batching = {f"treg, batch {b}": breakdown(solve(args, folder, "treg", batch=b)) for b in (1, 4)}
+        fast, refused = {}, {}
+        for solver in [s for s in args.fast.split(",") if s]:
+            steps = yaml.safe_load((ROOT / f"configs/solver/{solver}.yaml").read_text())["steps"]
+            try:
+                fast[f"{solver}, {steps} steps"] = breakdown(solve(args, folder, solver, steps="yaml"))
+            except SystemExit as err:  # e.g. ddrm on Stable Diffusion: its one-line error goes in the report
+                refused[solver] = str(err.code).rsplit("error: ", 1)[-1]
     blur = blur_speed(args.image_size)
     columns = ["wall_s", *COLUMNS, "outside_models_%", "nfe", "peak_memory_mb"]
     text = (f"model {args.model if not args.model.endswith('tiny-sd') else 'tiny'}, ×16 SR at {args.image_size}², "
@@ -120,12 +131,16 @@ def main(argv=None):
             + "\n\nGradient checkpointing (peak memory is the process's peak RSS on CPU):\n\n"
             + markdown_table(checkpointing, ["wall_s", "peak_memory_mb"])
             + "\n\nBatching (wall_s is per image):\n\n" + markdown_table(batching, ["wall_s", "peak_memory_mb"])
+            + "\n\nAt each solver's own (YAML) step count:\n\n"
+            + markdown_table(fast, ["wall_s", "unet_s", "unet_bwd_s", "nfe", "peak_memory_mb"])
+            + "".join(f"\n\n{solver} does not run here: {why}" for solver, why in refused.items())
             + f"\n\nBlur 61×61 at {args.image_size}²: FFT {blur['fft_s'] * 1e3:.1f} ms, direct conv2d "
               f"{blur['conv2d_s'] * 1e3:.0f} ms ({blur['speedup']:.0f}× faster)\n")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".md").write_text(text)
     args.out.with_suffix(".json").write_text(json.dumps(
         {"solvers": per_solver, "checkpointing": checkpointing, "batching": batching, "blur": blur,
+         "fast": fast, "refused": refused,
          "settings": {"steps": args.steps, "image_size": args.image_size, "device": args.device}}, indent=2))
     print(text)
 

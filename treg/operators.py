@@ -7,6 +7,7 @@ is the caller's job: y = op.A(x) + noise_scale·n.
 
     op = build_operator("super_resolution", 512, scale=16)   # configs/task/*.yaml: operator, params
 """
+import dataclasses
 import inspect
 import math
 import types
@@ -19,6 +20,18 @@ from PIL import Image, ImageDraw, ImageFilter
 from torch import nn
 
 from treg.linalg import conjugate_gradient
+
+
+@dataclasses.dataclass
+class SVD:
+    """A = U diag(s) Vᵀ as functions, for DDRM and closed-form ΠGDM; `op.svd(like)` builds it for images shaped
+    like `like`, in its dtype and device. Spectral vectors x̄ = Vᵀx have one shape for the image side and the
+    measurement side (`Ut` pads with zeros where s = 0), so A x = U(s · Vt(x))."""
+    Vt: typing.Callable  # x → x̄
+    V: typing.Callable  # x̄ → x
+    Ut: typing.Callable  # y → ȳ (zero where s = 0)
+    U: typing.Callable  # ȳ → y
+    singulars: torch.Tensor  # s ≥ 0, broadcastable against x̄; 0 = not measured
 
 
 class Operator(nn.Module):
@@ -94,6 +107,19 @@ class SuperResolution(Operator):
         """P Y Pᵀ, P = A_s⁺ (the pseudo-inverse of a Kronecker product is the product of the pseudo-inverses)."""
         p = self.matrix_pinv.to(y)
         return p @ y @ p.mT
+
+    def svd(self, like):
+        """A_s = U_s S_s V_sᵀ (V_s square, n×n), so A = (U_s ⊗ U_s)(S_s ⊗ S_s)(V_s ⊗ V_s)ᵀ; x̄ is (B,3,n,n) and
+        ȳ its top-left (n/s)² block. In `like`'s dtype and device."""
+        u, s, vt = np.linalg.svd(self.matrix.double().cpu().numpy())
+        u, v = (torch.from_numpy(m).to(like) for m in (u, vt.T))
+        k = len(s)
+        singulars = torch.zeros(vt.shape[0], dtype=torch.float64)
+        singulars[:k] = torch.from_numpy(s)
+        pad = vt.shape[0] - k
+        return SVD(Vt=lambda x: v.mT @ x @ v, V=lambda xb: v @ xb @ v.mT,
+                   Ut=lambda y: F.pad(u.mT @ y @ u, (0, pad, 0, pad)), U=lambda yb: u @ yb[..., :k, :k] @ u.mT,
+                   singulars=torch.outer(singulars, singulars).to(like))
 
 
 # --- blur --------------------------------------------------------------------------------------------------------
@@ -210,19 +236,29 @@ class Blur(Operator):
         """Truncated A⁺y: exact for a separable kernel, else Operator.pinv's CG (see the class docstring)."""
         if self._factors is None:
             return super().pinv(y)
-        ua, va, ub, vb, inverse = self._svd(y)
+        ua, va, ub, vb, singulars = self._svd(y)
+        inverse = torch.where(singulars > 0, 1 / singulars, torch.zeros_like(singulars))
         return va @ ((ua.T @ y @ ub) * inverse) @ vb.T
 
+    def svd(self, like):
+        """The truncated SVD that pinv uses, for images shaped like `like` (B,3,H,W): x̄ = V_aᵀ X V_b, s = s_a s_bᵀ
+        with values below pinv_rtol of the largest set to 0. Separable kernels only: a motion blur has none."""
+        if self._factors is None:
+            raise ValueError("this blur kernel is not separable, so it has no cheap SVD (motion blur); DDRM needs one")
+        ua, va, ub, vb, singulars = self._svd(like)
+        return SVD(Vt=lambda x: va.T @ x @ vb, V=lambda xb: va @ xb @ vb.T, Ut=lambda y: ua.T @ y @ ub,
+                   U=lambda yb: ua @ yb @ ub.T, singulars=singulars)
+
     def _svd(self, y):
-        """U_a, V_a, U_b, V_b of T_a = U_a S_a V_aᵀ (H×H) and T_b (W×W), and the truncated 1/(s_a s_bᵀ) (H, W), in
-        y's dtype and device; computed once per size in float64."""
+        """U_a, V_a, U_b, V_b of T_a = U_a S_a V_aᵀ (H×H) and T_b (W×W), and s_a s_bᵀ (H, W) with the values below
+        pinv_rtol of the largest set to 0, in y's dtype and device; computed once per size in float64."""
         key = (y.shape[-2], y.shape[-1], y.dtype, y.device)
         if key not in self._svds:
             (ua, sa, vat), (ub, sb, vbt) = (np.linalg.svd(convolution_matrix(f, n))
                                             for f, n in zip(self._factors, key[:2]))
             product = np.outer(sa, sb)
-            inverse = np.where(product >= self.pinv_rtol * product.max(), 1 / product, 0.0)
-            self._svds[key] = [torch.from_numpy(m).to(y) for m in (ua, vat.T, ub, vbt.T, inverse)]
+            kept = np.where(product >= self.pinv_rtol * product.max(), product, 0.0)
+            self._svds[key] = [torch.from_numpy(m).to(y) for m in (ua, vat.T, ub, vbt.T, kept)]
         return self._svds[key]
 
     def _kernel_fft(self, x):
@@ -316,6 +352,11 @@ class Inpainting(Operator):
         return self.mask.to(x) * x
 
     At = pinv = A
+
+    def svd(self, like):
+        """Diagonal: U = V = I and s = the mask."""
+        identity = lambda v: v
+        return SVD(Vt=identity, V=identity, Ut=identity, U=identity, singulars=self.mask.to(like))
 
 
 # --- construction by name ------------------------------------------------------------------------------------------

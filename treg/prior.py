@@ -99,8 +99,21 @@ class StableDiffusion:
         self.vae.enable_gradient_checkpointing()
 
 
+def _model_folder(source, local_only):
+    """The local folder of a located model (a hub model's cache snapshot, downloading its unet config if needed)."""
+    if Path(source).is_dir():
+        return Path(source)
+    from huggingface_hub import hf_hub_download
+    try:
+        return Path(hf_hub_download(source, "unet/config.json", local_files_only=local_only)).parent.parent
+    except Exception as err:  # the hub client raises many kinds; the located model lacks a unet/
+        raise PriorUnavailable(f"'{source}' has no unet/config.json: not a diffusers Stable Diffusion or pixel "
+                               f"(UNet2DModel) model ({type(err).__name__})") from None
+
+
 def load_prior(model=DEFAULT_MODEL, device="cpu", dtype=torch.float32, image_encoder=None):
-    """A prior for `model`: 'analytic', a Hugging Face hub id or a local diffusers folder.
+    """A prior for `model`: 'analytic', 'analytic-pixel', a Hugging Face hub id or a local diffusers folder (Stable
+    Diffusion, or an unconditional UNet2DModel with its scheduler: a pixel prior, treg.pixel).
 
     image_encoder: None (no CLIP image encoder; adaptive negation off), or a hub id / local folder of a
     `CLIPVisionModelWithProjection`; the string 'auto' means `<model>/image_encoder` when that folder exists,
@@ -109,13 +122,19 @@ def load_prior(model=DEFAULT_MODEL, device="cpu", dtype=torch.float32, image_enc
     if model == "analytic":
         from treg.analytic import AnalyticPrior
         return AnalyticPrior.from_folder().to(device)
+    from treg.pixel import AnalyticPixelPrior, is_pixel_folder, load_pixel_prior
+    if model == "analytic-pixel":
+        return AnalyticPixelPrior.from_folder().to(device)
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
     try:
         source, local_only = hub.locate(model, "model", "--model", probe="unet/config.json")
         if Path(source).is_dir() and not (Path(source) / "unet").is_dir():
-            raise PriorUnavailable(f"'{model}' is not a diffusers Stable Diffusion folder (no unet/ inside)")
+            raise PriorUnavailable(f"'{model}' is not a diffusers Stable Diffusion or pixel (UNet2DModel) folder "
+                                   "(no unet/ inside)")
+        if is_pixel_folder(_model_folder(source, local_only)):
+            return load_pixel_prior(source, local_only, device, dtype)
         parts = {name: hub.load(cls, source, local_only, f"{name} of the model", weights=weights, subfolder=name, **kw)
                  for name, cls, weights, kw in [
                      ("vae", AutoencoderKL, True, {"torch_dtype": dtype}),

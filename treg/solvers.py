@@ -326,6 +326,8 @@ def reddiff(prior, op, y, cfg, *, c, uc, generator=None, callback=None):
     return prior.decode(z.detach())
 
 
+from treg.fast import CCIConfig, DDRMConfig, PiGDMConfig, cci, ddrm, pigdm  # noqa: E402 (needs nothing above)
+
 SOLVERS = {
     "ddim": (ddim, DDIMConfig),
     "treg": (treg, TRegConfig),
@@ -333,4 +335,7 @@ SOLVERS = {
     "psld": (psld, PSLDConfig),
     "p2l": (p2l, P2LConfig),
     "reddiff": (reddiff, REDDiffConfig),
+    "cci": (cci, CCIConfig),
+    "pigdm": (pigdm, PiGDMConfig),
+    "ddrm": (ddrm, DDRMConfig),
 }

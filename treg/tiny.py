@@ -2,7 +2,9 @@
 
 It has SD-1.5's geometry (4 latent channels, VAE downsampling 8, 77-token CLIP text encoder, the SD noise schedule)
 and about 1.6M parameters, so the whole CLI and every solver can be exercised on a CPU without downloading weights.
-Its images are meaningless. Usage: `python -m treg.tiny DIR` writes a folder that `--model DIR` loads.
+Its images are meaningless. Usage: `python -m treg.tiny DIR` writes a folder that `--model DIR` loads;
+`python -m treg.tiny --pixel DIR` writes a tiny unconditional pixel model instead (UNet2DModel and DDPMScheduler,
+the layout of google/ddpm-celebahq-256), a pixel prior (treg.pixel).
 """
 import argparse
 import json
@@ -74,16 +76,32 @@ def build_tiny_sd(folder, seed=0):
     return folder
 
 
+def build_tiny_pixel(folder, seed=0):
+    """Write a tiny DDPM-pipeline folder (unet: UNet2DModel, scheduler: DDPMScheduler, ~0.2M parameters)."""
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    UNet2DModel(sample_size=32, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(16, 32),
+                down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+                norm_num_groups=8, attention_head_dim=8).save_pretrained(folder / "unet")
+    DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear").save_pretrained(folder / "scheduler")
+    (folder / "model_index.json").write_text(json.dumps({
+        "_class_name": "DDPMPipeline", "scheduler": ["diffusers", "DDPMScheduler"], "unet": ["diffusers", "UNet2DModel"]}))
+    return folder
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m treg.tiny", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("folder", type=Path, help="output folder (created; an existing model folder is overwritten)")
+    p.add_argument("--pixel", action="store_true", help="a tiny unconditional pixel model instead of a tiny SD")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: %(default)s)")
     args = p.parse_args(argv)
     if args.folder.exists() and not args.folder.is_dir():
         sys.exit(f"error: {args.folder} is a file, not a folder")
     try:
-        print(build_tiny_sd(args.folder, args.seed))
+        print((build_tiny_pixel if args.pixel else build_tiny_sd)(args.folder, args.seed))
     except OSError as err:
         sys.exit(f"error: cannot write {err.filename or args.folder}: {err.strerror or err}")
 

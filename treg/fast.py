@@ -1,0 +1,253 @@
+"""Few-step solvers for linear inverse problems: CCI (C-ΠGDM), ΠGDM and DDRM, with the text as classifier-free
+guidance inside ε̂. Same signature as treg.solvers; registered in treg.solvers.SOLVERS.
+
+They need the measurement as a linear operator H on the diffusion variable (treg.latent_ops): the pixel operator on
+a pixel prior, M = A∘decode on the analytic prior; on Stable Diffusion ΠGDM differentiates through the decoder,
+CCI uses an experimental latent surrogate, and DDRM refuses. All three integrate from diffusion level ᾱ_k to the
+clean level ᾱ = 1, so the last step returns a sample, not a Tweedie estimate. Notation: b = −log ᾱ, μ = √ᾱ = e^{−b/2},
+σ = √(1−ᾱ), ρ = σ/μ; x̂0 = (x − σε̂)/μ.
+
+    CCI    Pandey, Yang, Mandt, "Fast Samplers for Inverse Problems in Iterative Refinement Models", NeurIPS 2024
+    ΠGDM   Song, Vahdat, Mardani, Kautz, "Pseudoinverse-Guided Diffusion Models for Inverse Problems", ICLR 2023
+    DDRM   Kawar, Elad, Ermon, Song, "Denoising Diffusion Restoration Models", NeurIPS 2022
+"""
+import dataclasses
+import math
+import warnings
+
+import torch
+from scipy.integrate import quad
+
+from treg.config import ConfigError, bounded
+from treg.diffusion import cfg as guided_eps, randn, tweedie
+from treg.latent_ops import LatentSurrogate, latent_operator, projector
+from treg.linalg import conjugate_gradient, prox
+
+
+def _latent_like(prior, op, y):
+    """A float64 zero latent (B, C, h, w) for the image size of `op`."""
+    b, _, h, w = op.At(y).shape
+    f = prior.vae_scale_factor
+    return torch.zeros(b, prior.latent_channels, h // f, w // f, dtype=torch.float64, device=y.device)
+
+
+def _levels(prior, k):
+    """(μ, σ) at timestep k as Python floats; k = None is the clean level ᾱ = 1."""
+    a = 1.0 if k is None else float(prior.alphas_cumprod[k].double())
+    return a ** 0.5, (1 - a) ** 0.5
+
+
+def start_grid(k_start, steps):
+    """Model timesteps k_n = round(k_start·(1 − n/N)), n < N; the integration ends at ᾱ = 1 after the last."""
+    return [round(k_start * (1 - n / steps)) for n in range(steps)]
+
+
+def _measurement_inverse(prior, op, h, y, generator):
+    """H⁺y on the diffusion variable; on Stable Diffusion (no exact H) encode(A⁺y), a VAE posterior sample."""
+    if h is None or isinstance(h, LatentSurrogate):
+        return prior.encode(op.pinv(y), generator).double()
+    return h.pinv(y)
+
+
+# --- CCI ---------------------------------------------------------------------------------------------------------
+
+
+def cci_coefficients(b, w):
+    """Φ(b) = ∫₀^b φ(b') db' for the five CCI integrands with λ = 0 (fast-samplers reference §1.2):
+    φ_y = −½wμ^w, φ_s1 = ½e^{b/2}/σ, φ_s2 = ½e^{b/2}(μ^w − 1)/σ − ½wσμ^{w−1}, φ_j1 = ½wσ, φ_j2 = ½wσ(μ^w − 1).
+    All but Φ_j2 have closed forms; Φ_j2 is one scipy quadrature. Returns a dict of floats (float64)."""
+    mu, sigma = math.exp(-b / 2), math.sqrt(-math.expm1(-b))
+    rho = math.sqrt(math.expm1(b))
+    j2 = quad(lambda u: 0.5 * w * math.sqrt(-math.expm1(-u)) * math.expm1(-w * u / 2), 0.0, b,
+              epsabs=1e-14, epsrel=1e-12)[0] if b > 0 else 0.0
+    return {"y": mu ** w - 1, "s1": rho, "s2": rho * (mu ** w - 1), "j1": w * (math.asinh(rho) - sigma), "j2": j2}
+
+
+@dataclasses.dataclass
+class CCIConfig:
+    """C-ΠGDM (Pandey, Yang, Mandt, NeurIPS 2024), noiseless-y form, split update, closed-form coefficients."""
+    steps: int = bounded(5, 1, 1000)            # conditional steps = NFE (official demo: 5)
+    w: float = bounded(15.0, 0, 100)            # ΠGDM guidance weight inside the projector Φ (official demo: 15)
+    k_start: int = bounded(566, 1, 999)         # first timestep: VPSDE t = 0.4 matched by noise level (ᾱ = 0.196)
+    cfg_guidance: float = bounded(4.0, 0, 100)  # text CFG weight of ε̂ (project default); 0 = without text
+    cg_lamb: float = bounded(1e-4, 0, 1e6, low_open=True)  # Stable Diffusion only: final pixel prox λ (TReg's)
+    cg_iters: int = bounded(5, 0, 10000)        # Stable Diffusion only: its CG iterations (TReg's)
+
+
+@torch.no_grad()
+def cci(prior, op, y, cfg, *, c, uc, generator=None, callback=None):
+    like = _latent_like(prior, op, y)
+    h = latent_operator(prior, op, like, surrogate=True)
+    P = projector(h)
+    probe = P(randn(like.shape, torch.Generator().manual_seed(0), y.device).double())
+    if (P(probe) - probe).norm() > 1e-6 * probe.norm():  # e.g. motion blur's CG pinv: Φ⁻¹ amplifies the error
+        warnings.warn("cci: pinv∘A is not an exact projector for this operator; row-space errors grow by μ^-w")
+    w, ks = cfg.w, start_grid(cfg.k_start, cfg.steps)
+    levels = [_levels(prior, k) for k in ks] + [_levels(prior, None)]
+    # Φ at every grid level, once per solve (b = −2 log μ; b = 0 at the clean end)
+    table = [cci_coefficients(-2 * math.log(mu), w) for mu, _ in levels]
+    c, uc = c.expand(len(y), -1, -1), uc.expand(len(y), -1, -1)
+
+    # 1. warm start x = μ₀·H⁺y + σ₀·n, split into the null-space and row-space parts of x̄ = Φ(x) (float64)
+    hy = P(_measurement_inverse(prior, op, h, y, generator))
+    mu, sigma = levels[0]
+    x = mu * hy + sigma * randn(like.shape, generator, y.device).double()
+    nu, row = (x - P(x)) / mu, mu ** (w - 1) * P(x)
+    for n, k in enumerate(ks):
+        mu, sigma = levels[n]
+        # 2. ε̂ (text CFG) and g = (∂ε̂/∂x)ᵀ m with m = sg(H⁺y − P x̂0): one forward, one backward (both branches)
+        with torch.enable_grad():
+            xg = x.to(y.dtype).requires_grad_()
+            eps = guided_eps(prior, xg, k, uc, c, cfg.cfg_guidance)
+            m = hy - P((x - sigma * eps.detach().double()) / mu)
+            g, = torch.autograd.grad(eps, xg, m.to(eps.dtype))
+        eps, g = eps.detach().double(), g.double()
+        x0 = (x - sigma * eps) / mu
+        # 3. exponential-integrator step with ε̂ and g frozen, the scalar coefficients integrated exactly
+        d = {key: table[n + 1][key] - table[n][key] for key in table[n]}
+        pe, pg = P(eps), P(g)
+        nu = nu + d["s1"] * (eps - pe) + d["j1"] * (g - pg)  # null(H): DDIM plus the Jacobian term
+        row = row + d["y"] * hy + (d["s1"] + d["s2"]) * pe + (d["j1"] + d["j2"]) * pg  # row(H): pulled to H⁺y
+        # 4. back from x̄ to x at the next level: x = μ·ν + μ^{1−w}·ϱ
+        mu_next = levels[n + 1][0]
+        x = mu_next * nu + mu_next ** (1 - w) * row
+        if callback:
+            callback({"i": n, "steps": cfg.steps, "t": k, "z0": x0.to(y.dtype)})
+    x = prior.decode(x.to(y.dtype))
+    if isinstance(h, LatentSurrogate):
+        # Stable Diffusion (experimental): the surrogate H only approximates A∘decode, so finish with TReg's prox
+        x = prox(op, x, y, cfg.cg_lamb, cfg.cg_iters)
+    return x
+
+
+# --- ΠGDM --------------------------------------------------------------------------------------------------------
+
+
+def gain_solver(h, like, cg_iters):
+    """(r, c) ↦ (H Hᵀ + c I)⁻¹ r: in closed form from H's SVD (U (S² + c)⁻¹ Uᵀ r, dropping the part of r outside
+    range(H), which Hᵀ annihilates), else by CG."""
+    try:
+        d = h.svd(like)
+    except (AttributeError, ValueError):
+        return lambda r, c: conjugate_gradient(lambda u: h.A(h.At(u)) + c * u, r, torch.zeros_like(r), cg_iters)
+    s2 = d.singulars ** 2
+
+    def solve(r, c):
+        inverse = torch.where(s2 > 0, 1 / (s2 + c), torch.zeros_like(s2))
+        return d.U(inverse * d.Ut(r))
+    return solve
+
+
+def pigdm_guidance(eps_fn, measure, solve, x, y, mu, sigma, sigma_y):
+    """ε̂(x) and G = (∂x̂0/∂x)ᵀ Hᵀ (H Hᵀ + (σ_y/r)² I)⁻¹ (y − H x̂0), both float64, with x̂0 = (x − σε̂)/μ and
+    r² = σ² = 1 − ᾱ: r²·∇_x log N(y; H x̂0(x), r² H Hᵀ + σ_y² I) with the covariance held fixed (ΠGDM eq. 8)."""
+    with torch.enable_grad():
+        x = x.detach().requires_grad_()
+        eps = eps_fn(x)
+        seen = measure((x - sigma * eps) / mu)
+        v = solve((y - seen).detach().to(seen.dtype), (sigma_y / sigma) ** 2)
+        guidance, = torch.autograd.grad(seen, x, v)
+    return eps.detach().double(), guidance.double()
+
+
+@dataclasses.dataclass
+class PiGDMConfig:
+    """ΠGDM (Song, Vahdat, Mardani, Kautz, ICLR 2023) as the CCI paper's continuous baseline: the ΠGDM-guided
+    probability-flow ODE in x̄ = x/μ, ε̂ integrated exactly, the guidance by Euler (exponential Euler)."""
+    steps: int = bounded(20, 1, 1000)           # NFE (CCI repo's ΠGDM baseline: 20 steps)
+    w: float = bounded(6.0, 0, 100)             # guidance weight, w_t = w·r_t²·μ_t² (CCI repo's ΠGDM baseline: 6)
+    k_start: int = bounded(566, 1, 999)         # first timestep: VPSDE t = 0.4 matched by noise level, as CCI
+    cfg_guidance: float = bounded(4.0, 0, 100)  # text CFG weight of ε̂ (project default); 0 = without text
+    sigma_y: float | None = bounded(None, 0, 10)  # measurement noise std; None = the task's noise_scale
+    cg_iters: int = bounded(50, 1, 10000)       # CG iterations for (H Hᵀ + (σ_y/r_t)² I)⁻¹ without an SVD
+
+
+@torch.no_grad()
+def pigdm(prior, op, y, cfg, *, c, uc, generator=None, callback=None):
+    if cfg.sigma_y is None:
+        raise ConfigError("pigdm: sigma_y is not set (solve.py sets it to the task's noise_scale)")
+    like = _latent_like(prior, op, y)
+    h = latent_operator(prior, op, like)
+    if h is None:  # Stable Diffusion: H = A∘decode, differentiated through the decoder; (A Aᵀ + c I)⁻¹ in pixels
+        measure, solve = (lambda z: op.A(prior.decode(z))), gain_solver(op, op.At(y), cfg.cg_iters)
+    else:
+        measure, solve = h.A, gain_solver(h, like, cfg.cg_iters)
+    ks = start_grid(cfg.k_start, cfg.steps)
+    levels = [_levels(prior, k) for k in ks] + [_levels(prior, None)]
+    c, uc = c.expand(len(y), -1, -1), uc.expand(len(y), -1, -1)
+
+    # 1. warm start x = μ₀·H⁺y + σ₀·n, as CCI
+    mu, sigma = levels[0]
+    x = mu * _measurement_inverse(prior, op, h, y, generator) + sigma * randn(like.shape, generator, y.device).double()
+    for n, k in enumerate(ks):
+        mu, sigma = levels[n]
+        # 2. ε̂ (text CFG) and the ΠGDM guidance, one vector–Jacobian product through the model (and decoder)
+        eps_fn = lambda x_: guided_eps(prior, x_, k, uc, c, cfg.cfg_guidance)
+        eps, guidance = pigdm_guidance(eps_fn, measure, solve, x.to(y.dtype), y, mu, sigma, cfg.sigma_y)
+        x0 = (x - sigma * eps) / mu
+        # 3. x̄ = x/μ: x̄ += Δρ·ε̂ + w·Δμ·G (ε̂ exactly, the guidance by Euler), then x = μ'·x̄
+        mu_next, sigma_next = levels[n + 1]
+        x_bar = x / mu + (sigma_next / mu_next - sigma / mu) * eps + cfg.w * (mu_next - mu) * guidance
+        x = mu_next * x_bar
+        if callback:
+            callback({"i": n, "steps": cfg.steps, "t": k, "z0": x0.to(y.dtype)})
+    return prior.decode(x.to(y.dtype))
+
+
+# --- DDRM --------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class DDRMConfig:
+    """DDRM (Kawar, Elad, Ermon, Song, NeurIPS 2022): DDIM in the spectral basis of H = U S Vᵀ, each coefficient
+    treated by whether it is unmeasured, or measured with less or more noise than the current level."""
+    steps: int = bounded(20, 1, 1000)           # DDRM paper (20 steps, the NFE of its main results)
+    eta: float = bounded(0.85, 0, 1)            # η: DDRM paper
+    eta_b: float = bounded(1.0, 0, 1)           # η_b: DDRM paper
+    cfg_guidance: float = bounded(4.0, 0, 100)  # text CFG weight of ε̂ (project default; DDRM has no text)
+    sigma_y: float | None = bounded(None, 0, 10)  # measurement noise std; None = the task's noise_scale
+
+
+@torch.no_grad()
+def ddrm(prior, op, y, cfg, *, c, uc, generator=None, callback=None):
+    if cfg.sigma_y is None:
+        raise ConfigError("ddrm: sigma_y is not set (solve.py sets it to the task's noise_scale)")
+    like = _latent_like(prior, op, y)
+    h = latent_operator(prior, op, like)
+    if h is None:
+        raise ConfigError("ddrm needs the measurement as a linear map of the diffusion variable: use a pixel "
+                          "prior or the analytic prior (Stable Diffusion's decoder is nonlinear)")
+    try:
+        d = h.svd(like)
+    except (AttributeError, ValueError) as err:
+        raise ConfigError(f"ddrm needs an SVD of the operator: {err}") from None
+    s, sigma_y = d.singulars, cfg.sigma_y
+    y_bar = torch.where(s > 0, d.Ut(y.double()) / s, torch.zeros_like(s))  # S⁺Uᵀy
+    noise_of_y = torch.where(s > 0, sigma_y / s, torch.full_like(s, math.inf))  # σ_y/s_i: y's noise per coefficient
+    skip = len(prior.alphas_cumprod) // cfg.steps
+    ks = [skip * i for i in reversed(range(cfg.steps))]  # DDRM's uniform grid 950, 900, …, 0 for 20 steps
+    c, uc = c.expand(len(y), -1, -1), uc.expand(len(y), -1, -1)
+
+    x = randn(like.shape, generator, y.device).double()  # x_T ~ N(0, I); ᾱ_950 ≈ 0 makes ȳ's share negligible
+    for n, k in enumerate(ks):
+        a = float(prior.alphas_cumprod[k].double())
+        a_next = float(prior.alphas_cumprod[ks[n + 1]].double()) if n + 1 < cfg.steps else 1.0
+        # 1. ε̂ (text CFG) and x̂0, in the spectral basis; s_next = √(1−ᾱ')/√ᾱ' is the next noise level of x/√ᾱ
+        eps = guided_eps(prior, x.to(y.dtype), k, uc, c, cfg.cfg_guidance).double()
+        x0 = tweedie(x, eps, a)
+        x0_bar, eps_bar = d.Vt(x0), d.Vt(eps)
+        noise = randn(x0_bar.shape, generator, y.device).double()
+        s_next = ((1 - a_next) / a_next) ** 0.5
+        keep = (1 - cfg.eta ** 2) ** 0.5 * s_next
+        # 2. unmeasured (s = 0): DDIM with η
+        unmeasured = x0_bar + keep * eps_bar + cfg.eta * s_next * noise
+        # 3. measured with more noise than the next level (s_next < σ_y/s): move towards ȳ by the ratio
+        pulled = x0_bar + keep * (y_bar - x0_bar) / noise_of_y + cfg.eta * s_next * noise
+        # 4. measured with less noise (s_next ≥ σ_y/s): ȳ (weight η_b) plus the noise y lacks
+        missing = (s_next ** 2 - (cfg.eta_b * noise_of_y.clamp(max=1e30)) ** 2).clamp(min=0) ** 0.5  # no 0·∞ at s = 0
+        anchored = (1 - cfg.eta_b) * x0_bar + cfg.eta_b * y_bar + missing * noise
+        x_bar = torch.where(s == 0, unmeasured, torch.where(s_next < noise_of_y, pulled, anchored))
+        x = a_next ** 0.5 * d.V(x_bar)
+        if callback:
+            callback({"i": n, "steps": cfg.steps, "t": k, "z0": x0.to(y.dtype)})
+    return prior.decode(x.to(y.dtype))
