@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from treg import runs
+from treg import hub, runs
 from treg.config import ConfigError, load_solver, load_task
 from treg.datasets import DATASETS, input_images
 from treg.diffusion import randn
@@ -438,13 +438,8 @@ def finish(args, header, state, compare):
 
 def main(argv=None):
     args = parse_args(argv)
-    warnings.formatwarning = lambda message, *rest, **kw: f"warning: {message}\n"
     from accelerate import PartialState
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-    for lib in (diffusers_logging, transformers_logging):
-        lib.set_verbosity_error()
-        lib.disable_progress_bar()
+    hub.quiet_libraries()
     # cpu=True lets processes started by `accelerate launch` on a machine without an accelerator (or with
     # --device cpu) form a gloo group instead of running alone
     state = PartialState(cpu=args.device == "cpu" or not torch.accelerator.is_available())

@@ -13,7 +13,7 @@ from scipy.integrate import quad
 from treg.analytic import AnalyticPrior, load_image
 from treg.config import ConfigError, load_solver
 from treg.diffusion import cfg as guided_eps, ddim_step, randn, tweedie
-from treg.fast import CCIConfig, PiGDMConfig, cci, cci_coefficients, gain_solver, pigdm, pigdm_guidance, start_grid
+from treg.fast import cci_coefficients, gain_solver, pigdm_guidance, start_grid
 from treg.latent_ops import latent_operator, projector
 from treg.operators import build_operator
 from treg.pixel import AnalyticPixelPrior

@@ -184,3 +184,15 @@ def test_two_process_accelerate_run_shards_every_run_and_matches_one_process(rep
         assert len(pngs) == 2
         for png in pngs:  # the same images as the one-process run
             assert np.array_equal(np.asarray(Image.open(png)), np.asarray(Image.open(single / name / "recon" / png.name)))
+
+
+def test_pixel_baselines_run_on_the_pixel_model_only(food101_dir, tmp_path, capsys):
+    """ddrm and pigdm are skipped with a note without --pixel_model, and run on it (not on --model) with one."""
+    argv = [*ARGS, "--food101", food101_dir[0], "--out", tmp_path / "out", "--methods", "treg,ddrm,pigdm"]
+    code, printed = run_reproduce([*argv, "--dry_run"], capsys)
+    assert code is None and "ddrm" not in printed and "pigdm" not in printed
+    args = reproduce.parse_args([str(a) for a in [*argv, "--pixel_model", "analytic-pixel"]])
+    runs = reproduce.plan(args)
+    assert {r["method"] for r in runs} == {"treg", "ddrm", "pigdm"}
+    models = {r["method"]: reproduce.argv_for(args, r, ["psnr"])[1] for r in runs}
+    assert models == {"treg": "analytic", "ddrm": "analytic-pixel", "pigdm": "analytic-pixel"}

@@ -5,6 +5,18 @@ import os
 from pathlib import Path
 
 
+def quiet_libraries():
+    """For a CLI that owns stderr: warnings as one line each, and no info logs or progress bars from diffusers and
+    transformers."""
+    import warnings
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+    warnings.formatwarning = lambda message, *rest, **kw: f"warning: {message}\n"
+    for lib in (diffusers_logging, transformers_logging):
+        lib.set_verbosity_error()
+        lib.disable_progress_bar()
+
+
 class ModelUnavailable(RuntimeError):
     """A model cannot be had; the message is one line saying what is missing and what to do."""
 

@@ -19,13 +19,12 @@ import argparse
 import dataclasses
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from treg import runs
+from treg import hub, runs
 from treg.config import ConfigError, build
 from treg.images import ImageError, atomic_write, grid, list_images, load_image, save_image
 from treg.inversion import METHODS, InversionConfig, implicit_residual, invert, regenerate
@@ -180,12 +179,7 @@ def run(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    warnings.formatwarning = lambda message, *rest, **kw: f"warning: {message}\n"
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-    for lib in (diffusers_logging, transformers_logging):
-        lib.set_verbosity_error()
-        lib.disable_progress_bar()
+    hub.quiet_libraries()
     try:
         run(args)
     except (ConfigError, ImageError, PriorUnavailable) as err:

@@ -55,8 +55,10 @@ METHODS = {
     "p2l": ("p2l-official", {}, True, 1200),                                     # P2L as the TReg code runs it
     "reddiff": ("reddiff", {}, True, 720),                                       # latent RED-diff, w = 1
 }
-# pixel-space priors, once they exist; their pass count is not known yet (1000 is a placeholder)
-METHODS |= {name: (name, {}, False, 1000) for name in ("ddrm", "pigdm") if name in SOLVERS}
+# The paper's pixel-space baselines: they run on --pixel_model (their papers' setting; DDRM cannot run on SD's
+# nonlinear decoder), and only when one is given; their pass count is not known yet (1000 is a placeholder)
+PIXEL_METHODS = tuple(name for name in ("ddrm", "pigdm") if name in SOLVERS)
+METHODS |= {name: (name, {"cfg_guidance": 0.0}, False, 1000) for name in PIXEL_METHODS}
 MISMATCHED = {"fried_rice": ("gauss-deblur", "spaghetti"), "ice_cream": ("sr16", "macarons")}
 # An assumption, not a measurement: SD-1.5 at 512² in fp16 on an A100-class GPU runs ~22 CFG steps/s.
 GPU_SECONDS_PER_UNIT = 0.045
@@ -80,6 +82,8 @@ def parse_args(argv=None):
     a("--steps", type=int, help="DDIM steps of every method (default: each YAML's, 200)")
     a("--methods", default=",".join(METHODS), help="comma-separated subset of: %(default)s")
     a("--model", default=DEFAULT_MODEL, help="prior, as solve.py --model (default: %(default)s)")
+    a("--pixel_model", help="unconditional pixel model (folder or hub id) for " + ", ".join(PIXEL_METHODS) +
+      "; without it they are skipped with a note")
     a("--image_encoder", default="auto", help="CLIP image encoder for adaptive negation, as solve.py")
     a("--clip_model", default="openai/clip-vit-large-patch14", help="CLIP model of the CLIP similarity")
     a("--device", help="torch device (default: the accelerator, else cpu)")
@@ -98,6 +102,13 @@ def plan(args):
     unknown = [m for m in names if m not in METHODS]
     if unknown or not names:
         raise ConfigError(f"--methods: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(METHODS)}")
+    skipped = [m for m in names if m in PIXEL_METHODS and not args.pixel_model]
+    if skipped:
+        print(f"note: {', '.join(skipped)} skipped: they need --pixel_model (an unconditional pixel diffusion model)",
+              file=sys.stderr)
+        names = [m for m in names if m not in skipped]
+        if not names:
+            raise ConfigError("--methods: nothing left to run without --pixel_model")
     if args.limit is not None and args.limit < 1:
         raise ConfigError("--limit must be at least 1")
     if args.metrics_style not in STYLES:
@@ -123,7 +134,8 @@ def argv_for(args, run, metrics):
     flags = dict(METHODS[method][1])
     if METHODS[method][0] == "treg":  # the official README's null_lr; its "spaghetti" command uses 1e-3
         flags["null_lr"] = NULL_LR[task] if run["table"] == "table12" else 1e-3
-    argv = ["--model", args.model, "--task_config", ROOT / "configs/task" / f"{TASKS[task]}.yaml",
+    model = args.pixel_model if method in PIXEL_METHODS else args.model
+    argv = ["--model", model, "--task_config", ROOT / "configs/task" / f"{TASKS[task]}.yaml",
             "--solver_config", ROOT / "configs/solver" / f"{METHODS[method][0]}.yaml", "--use_dataloader",
             "--dataset", "food",
             "--root", args.food101, "--target", run["class"], "--prompt", run["prompt"], "--null_prompt", NULL_PROMPT,
