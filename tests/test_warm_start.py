@@ -86,3 +86,44 @@ def test_init_flags_are_checked(tmp_path):
     with pytest.raises(SystemExit, match="'init_t' must be in"):
         solve.main(["--model", "analytic", "--init", "inversion", "--init_t", "1000",
                     "--img_path", str(SAMPLES / "cat_1.jpg"), "--workdir", str(tmp_path)])
+
+
+def test_renoised_inversion_is_the_inversion_plus_forward_noise(bed):
+    """At the inversion's own level nothing is added (the RNRI latent itself); at a noisier level the result is
+    √(ᾱ/ᾱ_s)·z_s + √(1 − ᾱ/ᾱ_s)·n with n drawn from the generator after the inversion."""
+    from treg.inversion import renoised_inversion
+    prior, op, _, y, c, uc = bed
+    inversion = InversionConfig(steps=50, official_shift=False, start_step=45)
+    z0 = prior.encode(op.pinv(y))
+    z_s = rnri(prior, z0, inversion, c=c, uc=uc)
+    reached = schedule(prior.alphas_cumprod, 50, False)[45][1]
+    assert torch.equal(renoised_inversion(prior, z0, inversion, reached, c=c, uc=uc,
+                                          generator=torch.Generator().manual_seed(3)), z_s)
+    level = float(prior.alphas_cumprod[566])
+    got = renoised_inversion(prior, z0, inversion, level, c=c, uc=uc, generator=torch.Generator().manual_seed(3))
+    n = torch.randn(z_s.shape, generator=torch.Generator().manual_seed(3))
+    keep = level / reached
+    assert torch.allclose(got, keep ** 0.5 * z_s + (1 - keep) ** 0.5 * n, atol=1e-6)
+    with pytest.raises(Exception, match="re-noising only adds noise"):
+        renoised_inversion(prior, z0, inversion, reached * 1.01, c=c, uc=uc)
+
+
+def test_cci_starts_from_the_inversion_when_asked(bed, monkeypatch):
+    """cci with init = inversion begins at inverted_start's latent instead of μ·H⁺y + σ·n, and still fits y."""
+    from treg import fast
+    prior, op, _, y, c, uc = bed
+    cfg = fast.CCIConfig(cfg_guidance=5.0, init="inversion")
+    starts = []
+    real = fast.inverted_start
+    monkeypatch.setattr(fast, "inverted_start", lambda *a, **k: starts.append(real(*a, **k)) or starts[-1])
+    first = []
+    x = fast.cci(prior, op, y, cfg, c=c, uc=uc, generator=torch.Generator().manual_seed(0),
+                 callback=lambda info: first.append(info["z0"]) if info["i"] == 0 else None)
+    assert len(starts) == 1 and starts[0].shape == (1, 4, 8, 8)
+    plain = []
+    fast.cci(prior, op, y, dataclasses.replace(cfg, init="noise"), c=c, uc=uc,
+             generator=torch.Generator().manual_seed(0),
+             callback=lambda info: plain.append(info["z0"]) if info["i"] == 0 else None)
+    assert not torch.allclose(first[0], plain[0])
+    floor = 0.01 * y.numel() ** 0.5
+    assert (y - op.A(x)).norm() < 1.5 * floor

@@ -10,7 +10,7 @@ Round trip: each sample image (samples/captions.yaml) is inverted with its own c
 with z0 = encode(x): latent error ‖regenerated − z0‖/‖z0‖ and PSNR of the decoded latents. Means over images ×
 seeds with 95% t-intervals (--seeds repeats only the prompt-aware runs, whose noise they draw).
 Warm start: treg.bench_accuracy on ×16 SR (exact posterior; prompt accuracy = landing in the prompted component)
-for treg and dps, plain start against --init inversion at several init_t / init_invert_t.
+for treg, dps and cci, plain start against --init inversion at several init_t / init_invert_t.
 Writes OUT.md and OUT.json (default assets/inversion) and prints the tables.
 """
 import argparse
@@ -101,7 +101,7 @@ def format_round_trips(rows):
 
 
 def warm_start_table(args):
-    """bench_accuracy rows (×16 SR, treg and dps, true and other prompt) for the plain and warm starts."""
+    """bench_accuracy rows (×16 SR, treg, dps and cci, true and other prompt) for the plain and warm starts."""
     from treg import bench_accuracy
     # invert to t = 1 inverts nothing (the last step is the identity with the official shift): encode(A⁺y) is
     # only re-noised to init_t, SDEdit from A⁺y, the baseline that tells what the inversion itself adds
@@ -110,13 +110,18 @@ def warm_start_table(args):
     settings = [("plain (noise, t = 996)", {})] + [
         (label(t, s), {"init": "inversion", "init_t": t, "init_invert_t": s})
         for t, s in ((800, 800), (500, 500), (200, 200), (800, 200), (800, 1), (500, 100), (500, 1))]
+    # cci starts at k_start = 566 from μ·H⁺y + σ·n, itself an SDEdit-like start; "inversion" replaces it
+    settings = [(label, ("treg", "dps"), fields) for label, fields in settings] + [
+        ("cci: plain (μ·H⁺y + σ·n at k 566)", ("cci",), {}),
+        ("cci: invert to 100, re-noise to k 566", ("cci",), {"init": "inversion", "init_invert_t": 100}),
+        ("cci: invert to k 566 (deterministic)", ("cci",), {"init": "inversion", "init_invert_t": 566})]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for label, fields in settings:
-            sets = [f"{solver}.{k}={v}" for solver in ("treg", "dps") for k, v in fields.items()]
+        for label, solvers, fields in settings:
+            sets = [f"{solver}.{k}={v}" for solver in solvers for k, v in fields.items()]
             out = Path(tmp) / "accuracy"
-            bench_accuracy.main(["--tasks", "super-resolution", "--solvers", "treg,dps", "--seeds", str(args.seeds_ws),
-                                 "--out", str(out), *[a for s in sets for a in ("--set", s)]])
+            bench_accuracy.main(["--tasks", "super-resolution", "--solvers", ",".join(solvers), "--seeds",
+                                 str(args.seeds_ws), "--out", str(out), *[a for s in sets for a in ("--set", s)]])
             for row in json.loads(out.with_suffix(".json").read_text())["rows"]:
                 if row["setting"] != "w=0":
                     rows.append({"start": label, **{k: row[k] for k in ("solver", "setting", "residual",

@@ -18,8 +18,9 @@ import warnings
 import torch
 from scipy.integrate import quad
 
-from treg.config import ConfigError, bounded
-from treg.diffusion import cfg as guided_eps, randn, tweedie
+from treg.config import ConfigError, bounded, one_of
+from treg.diffusion import cfg as guided_eps, randn, schedule, tweedie
+from treg.inversion import InversionConfig, renoised_inversion
 from treg.latent_ops import LatentSurrogate, latent_operator, projector
 from treg.linalg import conjugate_gradient, prox
 
@@ -72,6 +73,20 @@ class CCIConfig:
     cfg_guidance: float = bounded(4.0, 0, 100)  # text CFG weight of ε̂ (project default); 0 = without text
     cg_lamb: float = bounded(1e-4, 0, 1e6, low_open=True)  # Stable Diffusion only: final pixel prox λ (TReg's)
     cg_iters: int = bounded(5, 0, 10000)        # Stable Diffusion only: its CG iterations (TReg's)
+    init: str = one_of("noise", ("noise", "inversion"))  # EXPERIMENTAL "inversion": see inverted_start
+    init_invert_t: int = bounded(100, 1, 999)   # with init = inversion: invert down to here, re-noise to k_start
+
+
+def inverted_start(prior, op, y, cfg, *, c, uc, generator=None):
+    """EXPERIMENTAL start in place of μ₀·H⁺y + σ₀·n: encode(A⁺y) inverted by RNRI (50 unshifted DDIM steps, the
+    solver's text guidance) down to timestep cfg.init_invert_t, re-noised to the level of k_start."""
+    inversion = InversionConfig(steps=50, cfg_guidance=cfg.cfg_guidance, official_shift=False)
+    triples = schedule(prior.alphas_cumprod, inversion.steps, official_shift=False)
+    inversion.start_step = next((i for i, (t, _, _) in enumerate(triples) if t <= cfg.init_invert_t),
+                                len(triples) - 1)
+    z0 = prior.encode(op.pinv(y), generator)
+    level = float(prior.alphas_cumprod[cfg.k_start])
+    return renoised_inversion(prior, z0, inversion, level, c=c, uc=uc, generator=generator)
 
 
 @torch.no_grad()
@@ -91,7 +106,10 @@ def cci(prior, op, y, cfg, *, c, uc, generator=None, callback=None):
     # 1. warm start x = μ₀·H⁺y + σ₀·n, split into the null-space and row-space parts of x̄ = Φ(x) (float64)
     hy = P(_measurement_inverse(prior, op, h, y, generator))
     mu, sigma = levels[0]
-    x = mu * hy + sigma * randn(like.shape, generator, y.device).double()
+    if cfg.init == "inversion":
+        x = inverted_start(prior, op, y, cfg, c=c, uc=uc, generator=generator).double()
+    else:
+        x = mu * hy + sigma * randn(like.shape, generator, y.device).double()
     nu, row = (x - P(x)) / mu, mu ** (w - 1) * P(x)
     for n, k in enumerate(ks):
         mu, sigma = levels[n]

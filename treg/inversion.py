@@ -186,6 +186,17 @@ def implicit_residual(prior, infos, cfg, *, c, uc):
     return torch.stack(errors).mean(0) if errors else torch.zeros(len(infos[0]["z"]) if infos else 0)
 
 
+def renoised_inversion(prior, z0, inversion, level, *, c, uc, generator=None):
+    """z0 inverted by RNRI down to the input of sampler step inversion.start_step, then re-noised with fresh noise
+    from that step's level ᾱ_s up to the level ᾱ = `level` ≤ ᾱ_s: a draw of q(z_level | z_s)."""
+    z = rnri(prior, z0, inversion, c=c, uc=uc, generator=generator)
+    reached = schedule(prior.alphas_cumprod, inversion.steps, inversion.official_shift)[inversion.start_step][1]
+    if level > reached:
+        raise ConfigError("the inversion must reach at least the noise level of the start: re-noising only adds noise")
+    keep = level / reached
+    return keep ** 0.5 * z + (1 - keep) ** 0.5 * randn(z.shape, generator, z.device).to(z)
+
+
 def warm_start(prior, op, y, cfg, *, c, uc, generator=None):
     """EXPERIMENTAL solver start (cfg.init == "inversion"): (z, first step) with z the RNRI inversion of
     encode(A⁺y), under the solver's triples and guidance, down to timestep cfg.init_invert_t, re-noised with fresh
@@ -203,7 +214,5 @@ def warm_start(prior, op, y, cfg, *, c, uc, generator=None):
     stop = next((i for i, (t, _, _) in enumerate(triples) if t <= cfg.init_invert_t), len(triples) - 1)
     inversion = InversionConfig(steps=cfg.steps, cfg_guidance=cfg.cfg_guidance, official_shift=cfg.official_shift,
                                 start_step=stop)
-    z = rnri(prior, prior.encode(op.pinv(y), generator), inversion, c=c, uc=uc, generator=generator)
-    # forward diffusion from the level of step `stop` to that of step `first`: q(z_first | z_stop)
-    keep = triples[first][1] / triples[stop][1]
-    return keep ** 0.5 * z + (1 - keep) ** 0.5 * randn(z.shape, generator, z.device).to(z), first
+    z0 = prior.encode(op.pinv(y), generator)
+    return renoised_inversion(prior, z0, inversion, triples[first][1], c=c, uc=uc, generator=generator), first
