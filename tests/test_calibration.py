@@ -180,3 +180,11 @@ def test_bad_arguments_are_one_line_errors(tmp_path, argv, message, capsys):
     assert exit_info.value.code != 0
     assert message in str(exit_info.value.code) + capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+def test_noise_aware_solvers_get_the_beds_noise():
+    """ΠGDM and DDRM model y's noise: the benchmark gives them the task's σ_y, as solve.py does."""
+    from treg.bench_calibration import solver_config
+    for name in ("pigdm", "ddrm"):
+        cfg = solver_config(name, 5, 0.0)
+        assert cfg.sigma_y == 0.01 and cfg.steps == 5 and cfg.cfg_guidance == 0.0

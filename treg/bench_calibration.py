@@ -44,7 +44,7 @@ import torch
 from tqdm import tqdm
 
 from treg import calibration as cal
-from treg.config import ConfigError, load_solver
+from treg.config import ConfigError, load_solver, load_task
 from treg.images import atomic_write
 from treg.profiling import PRIOR_PARTS, Profiler
 from treg.solvers import SOLVERS
@@ -65,7 +65,10 @@ def solver_config(name, steps, w):
     path = ROOT / f"configs/solver/{name}.yaml"
     cfg = load_solver(path, SOLVERS)[1] if path.exists() else SOLVERS[name][1]()
     fields = {f.name for f in dataclasses.fields(cfg)}
-    return dataclasses.replace(cfg, **{k: v for k, v in (("steps", steps), ("cfg_guidance", w)) if k in fields})
+    sigma_y = load_task(ROOT / f"configs/task/{cal.TASK}.yaml").noise_scale  # ΠGDM and DDRM model y's noise
+    changes = (("steps", steps), ("cfg_guidance", w)) + ((("sigma_y", sigma_y),) if getattr(cfg, "sigma_y", 0) is None
+                                                         else ())
+    return dataclasses.replace(cfg, **{k: v for k, v in changes if k in fields})
 
 
 def solve_cell(bed, fn, cfg, prompt, seeds):
