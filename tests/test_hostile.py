@@ -78,6 +78,7 @@ def test_solver_config_values(tmp_path, field, value, expected):
     ({"operator": "blur", "params": {"kernel": "gaussian", "kernel_size": 10 ** 6, "std": 5.0}}, "kernel_size"),
     ({"operator": "blur", "params": {"kernel": "gaussian", "kernel_size": 61, "std": 1e-300}}, "std must be in"),
     ({"operator": "inpainting", "params": {"mask": "box", "size": float("inf")}}, "'size' must be a finite"),
+    ({"operator": "inpainting", "params": {"mask": "box", "size": -1e308}}, "size must be a fraction in (0, 1]"),
 ])
 def test_task_config_values(tmp_path, change, expected):
     code, workdir = run(tmp_path, "--task_config",

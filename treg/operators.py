@@ -295,6 +295,8 @@ def box_mask(image_size, size: int | float | None = None, top: int | None = None
     least `margin` pixels from the border by default_rng(seed) if a margin is given, else centred. `size` is in
     pixels (int) or a fraction of the image side (float ≤ 1), so one config serves every --image_size."""
     n = image_size
+    if size is not None and not 0 < size <= n:
+        raise ValueError(f"box mask: size must be a fraction in (0, 1] or pixels in [1, {n}], got {size!r}")
     size = n // 2 if size is None else round(size * n) if isinstance(size, float) and size <= 1 else int(size)
     if (top is None) != (left is None) or (top is not None and margin is not None):
         raise ValueError("box mask: give both top and left, or margin (with seed), or neither (centred)")
