@@ -30,12 +30,12 @@ from tqdm import tqdm
 from treg import hub, runs
 from treg.config import ConfigError, load_solver, load_task
 from treg.datasets import DATASETS, input_images
-from treg.diffusion import randn
+from treg.fast import with_noise
 from treg.images import ImageError, atomic_write, grid, load_image, original_size, save_image, viewable
 from treg.invert import round_trip_psnr
 from treg.inversion import InversionConfig
 from treg.metrics import build_metrics
-from treg.operators import build_operator
+from treg.operators import build_operator, measure
 from treg.prior import DEFAULT_MODEL, PriorUnavailable, load_prior
 from treg.profiling import OPERATOR_PARTS, PRIOR_PARTS, Profiler
 from treg.solvers import SOLVERS, residual_norm
@@ -225,12 +225,6 @@ def memory_needed(prior, image_size, batch_size):
     return batch_size * image_size ** 2 * per_pixel
 
 
-def measure(op, x, noise_scale, generators):
-    """y = A x + noise_scale·n with n ~ N(0, I) drawn from each image's generator."""
-    y = op.A(x)
-    return y + noise_scale * randn(y.shape, generators, y.device)
-
-
 def settings_line(name, cfg, flags):
     """'name: field value, ...' with '(--flag)' after each value a CLI flag set."""
     parts = [f"{k} {v}" + (" (--%s)" % k if k in flags else "") for k, v in dataclasses.asdict(cfg).items()]
@@ -282,8 +276,7 @@ def prepare(args, state):
     if not 1 <= args.batch_size <= 4096:
         raise ConfigError(f"--batch_size must be in [1, 4096], got {args.batch_size}")
     task = load_task(args.task_config, args.image_size)
-    solvers = [(name, dataclasses.replace(cfg, sigma_y=task.noise_scale)  # ΠGDM and DDRM model y's noise
-                if getattr(cfg, "sigma_y", 0) is None else cfg) for name, cfg in solver_configs(args)]
+    solvers = [(name, with_noise(cfg, task.noise_scale)) for name, cfg in solver_configs(args)]
     metric_names = [m.strip() for m in args.metrics.split(",") if m.strip()]
     if "ssim" in metric_names and task.image_size < 11:
         raise ConfigError(f"--metrics ssim needs images of at least 11 pixels (its window), got {task.image_size}")
@@ -297,10 +290,10 @@ def prepare(args, state):
     paths = input_images(args.img_path, args.use_dataloader, args.dataset, args.root, args.target)[: args.limit]
     if args.seed + len(paths) - 1 > SEED_MAX:
         raise ConfigError(f"--seed {args.seed} + image index overflows the 64-bit generator seed")
-    for path in paths:  # headers only: a file that is no image, or a decompression bomb, fails here, not at image 700
-        original_size(path)
+    # headers only: a file that is no image, or a decompression bomb, fails here, not at image 700
+    sizes = [original_size(path) for path in paths]
     load_image(paths[0], task.image_size)
-    return device, task, solvers, op, metric_fns, notes, paths
+    return device, task, solvers, op, metric_fns, notes, paths, sizes
 
 
 def check_prior(prior, task, solvers, args, device):
@@ -328,7 +321,7 @@ def check_prior(prior, task, solvers, args, device):
 
 def run(args, state, header):
     """Solve every image of this process's shard; `header` is filled with the run's settings first."""
-    device, task, solvers, op, metric_fns, notes, paths = prepare(args, state)
+    device, task, solvers, op, metric_fns, notes, paths, sizes = prepare(args, state)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32,
              None: torch.float16 if device.type != "cpu" else torch.float32}[args.dtype]
     for note in notes:
@@ -350,7 +343,7 @@ def run(args, state, header):
 
     compare = bool(args.compare)
     methods = [name for name, _ in solvers]
-    header |= {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+    header |= {"args": runs.cli_args(args),
               "task": dataclasses.asdict(task),
               "solvers": {name: dataclasses.asdict(cfg) for name, cfg in solvers},
               "device": str(device), "dtype": str(dtype).removeprefix("torch."), "versions": versions()}
@@ -407,7 +400,7 @@ def run(args, state, header):
             if compare:
                 pictures[("compare", None)] = grid([[y_view[j], *(outputs[m][j] for m in methods), x[j]]],
                                                    ["measurement", *methods, "ground truth"])
-            size = original_size(paths[i])
+            size = sizes[i]
             record = {"index": i, "path": str(paths[i]), "prompt": args.prompt, "process": state.process_index,
                       "original_size": list(size), "results": results[j],
                       "files": {f"{k}/{m}" if m else k: str(p) for (k, m), p in files.items()}}
@@ -432,7 +425,7 @@ def finish(args, header, state, compare):
         "wall_seconds", "nfe", "peak_memory_mb", "images"]
     table = runs.markdown_table(summary, columns)
     if compare:
-        atomic_write(args.workdir / "compare.md", lambda tmp: Path(tmp).write_text(table + "\n"))
+        runs.write_text(args.workdir / "compare.md", table + "\n")
     print(table)
 
 

@@ -10,6 +10,15 @@ from treg.prior import load_prior
 from treg.tiny import build_tiny_sd
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """The analytic prior's tensors are tiny: one thread avoids OpenMP overhead on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_sd(tmp_path_factory):
     """A tiny random SD-shaped diffusers folder (with a CLIP image encoder), built offline once per run."""

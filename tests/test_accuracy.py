@@ -20,17 +20,9 @@ from treg.posterior import exact_posterior, landed_component
 from treg.solvers import SOLVERS, residual_norm
 
 ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.usefixtures("one_thread")
 NULL_PROMPT = "out of focus, depth of field"
 README_FLAGS = {"cfg_guidance": 5.0, "use_AN": True, "null_lr": 1e-3}  # the official README's TReg flags
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The analytic prior's tensors are tiny: one thread avoids OpenMP overhead on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -13,15 +13,7 @@ from treg.posterior import exact_posterior, sample
 from treg.solvers import SOLVERS, residual_norm
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The analytic prior's tensors are tiny: one thread avoids OpenMP overhead on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import torch
 import solve
 from treg.analytic import AnalyticPrior
 from treg.images import load_image
-from treg.operators import build_operator
+from treg.operators import build_operator, measure
 from treg.solvers import PSLDConfig, TRegConfig, psld, treg
 
 NULL_PROMPT = "out of focus, depth of field"
@@ -133,11 +133,13 @@ def test_psld_step_matches_finite_differences_of_its_loss(bed):
 
 
 def test_measurement_noise_has_the_configured_std():
-    """solve.measure draws y − A x with std noise_scale (12,288 values: a 3% band is 4.7 standard errors)."""
+    """The measure that solve.py uses draws y − A x with std noise_scale (12,288 values: a 3% band is 4.7 standard
+    errors)."""
+    assert solve.measure is measure
     op = build_operator("super_resolution", 256, scale=4)
     x = load_image("samples/coffee.jpg", 256)
     for sigma in (0.01, 0.05):
-        noise = solve.measure(op, x, sigma, [torch.Generator().manual_seed(3)]) - op.A(x)
+        noise = measure(op, x, sigma, [torch.Generator().manual_seed(3)]) - op.A(x)
         assert noise.numel() == 3 * 64 * 64 and abs(noise.std().item() / sigma - 1) < 0.03, noise.std()
         assert abs(noise.mean().item()) < 4 * sigma / noise.numel() ** 0.5
 

@@ -35,7 +35,6 @@ Writes OUT.md and OUT.json (default assets/accuracy) and prints the table. Offli
 """
 import argparse
 import dataclasses
-import json
 import math
 import sys
 import time
@@ -47,11 +46,11 @@ from tqdm import tqdm
 
 from treg.analytic import SAMPLES, AnalyticPrior, load_image
 from treg.config import ConfigError, load_solver, load_task
-from treg.diffusion import randn
-from treg.images import atomic_write
-from treg.operators import build_operator
+from treg.fast import with_noise
+from treg.operators import build_operator, measure
 from treg.posterior import ExactPosterior, landed_component, linear_map
 from treg.profiling import PRIOR_PARTS, Profiler
+from treg.runs import cli_args, write_json, write_text
 from treg.solvers import SOLVERS, residual_norm
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -174,8 +173,7 @@ def run_task(task_name, args, bar):
     truth = [j % kk for j in range(len(seeds))]  # seed j measures image j mod K with its own detail
     x = prior.decode(torch.stack([mu[t * kk + t] for t in truth])).float()
     gens = [torch.Generator().manual_seed(s) for s in seeds]
-    y = op.A(x)
-    y = y + sigma * randn(y.shape, gens, "cpu")
+    y = measure(op, x, sigma, gens)
     after_y = [g.get_state() for g in gens]
     floor = sigma * y[0].numel() ** 0.5
     uc = prior.embed([NULL_PROMPT])
@@ -196,8 +194,7 @@ def run_task(task_name, args, bar):
             row = {"task": task_name, "setting": setting, "solver": name}
             try:
                 cfg = solver_config(name, setting, args)
-                if getattr(cfg, "sigma_y", 0) is None:  # ΠGDM and DDRM: the noise y really has
-                    cfg = dataclasses.replace(cfg, sigma_y=sigma)
+                cfg = with_noise(cfg, sigma)  # ΠGDM and DDRM: the noise y really has
                 row["cfg_guidance"] = getattr(cfg, "cfg_guidance", None)
                 for g, state in zip(gens, after_y):
                     g.set_state(state)
@@ -331,13 +328,13 @@ def main(argv=None):
     except ConfigError as err:
         sys.exit(f"error: {err}")
     table = markdown(rows, tasks, args)
-    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    settings = cli_args(args)
     report = {"settings": settings | {"null_prompt": NULL_PROMPT, "images": list(IMAGES),
                                       "seconds": time.perf_counter() - begin},
               "tasks": tasks, "rows": rows, "runs": runs}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(Path(f"{args.out}.md"), lambda tmp: Path(tmp).write_text(table + "\n"))
-    atomic_write(Path(f"{args.out}.json"), lambda tmp: Path(tmp).write_text(json.dumps(report, indent=1)))
+    write_text(Path(f"{args.out}.md"), table + "\n")
+    write_json(Path(f"{args.out}.json"), report)
     print(table)
 
 

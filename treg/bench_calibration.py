@@ -34,7 +34,6 @@ Writes OUT.md, OUT.json and OUT.png (NFE curves) (default assets/calibration). O
 """
 import argparse
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
@@ -47,6 +46,8 @@ from treg import calibration as cal
 from treg.config import ConfigError, load_solver, load_task
 from treg.images import atomic_write
 from treg.profiling import PRIOR_PARTS, Profiler
+from treg.fast import with_noise
+from treg.runs import cli_args, write_json, write_text
 from treg.solvers import SOLVERS
 
 matplotlib.use("Agg")
@@ -65,10 +66,8 @@ def solver_config(name, steps, w):
     path = ROOT / f"configs/solver/{name}.yaml"
     cfg = load_solver(path, SOLVERS)[1] if path.exists() else SOLVERS[name][1]()
     fields = {f.name for f in dataclasses.fields(cfg)}
-    sigma_y = load_task(ROOT / f"configs/task/{cal.TASK}.yaml").noise_scale  # ΠGDM and DDRM model y's noise
-    changes = (("steps", steps), ("cfg_guidance", w)) + ((("sigma_y", sigma_y),) if getattr(cfg, "sigma_y", 0) is None
-                                                         else ())
-    return dataclasses.replace(cfg, **{k: v for k, v in changes if k in fields})
+    cfg = with_noise(cfg, load_task(ROOT / f"configs/task/{cal.TASK}.yaml").noise_scale)  # ΠGDM and DDRM
+    return dataclasses.replace(cfg, **{k: v for k, v in (("steps", steps), ("cfg_guidance", w)) if k in fields})
 
 
 def solve_cell(bed, fn, cfg, prompt, seeds):
@@ -345,15 +344,15 @@ def main(argv=None):
         bed, report = run(args, bar)
     seconds = time.perf_counter() - begin
     table = markdown(bed, report, args, seconds)
-    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    settings = cli_args(args)
     data = {"settings": settings | {"seconds": seconds, "task": cal.TASK, "image_size": cal.IMAGE_SIZE,
                                     "std": cal.STD, "detail_rms": cal.DETAIL_RMS, "beta": cal.BETA,
                                     "base_weights": cal.BASE_WEIGHTS, "captions": bed.captions,
                                     "bootstrap": cal.BOOTSTRAP, "reference_draws": REFERENCE_DRAWS},
             **report}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(Path(f"{args.out}.md"), lambda tmp: Path(tmp).write_text(table + "\n"))
-    atomic_write(Path(f"{args.out}.json"), lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1)))
+    write_text(Path(f"{args.out}.md"), table + "\n")
+    write_json(Path(f"{args.out}.json"), data)
     figure(report, Path(f"{args.out}.png"))
     print(table)
 

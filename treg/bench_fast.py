@@ -25,7 +25,6 @@ Writes OUT.md, OUT.json and OUT.png (default assets/fast) and prints the table. 
 """
 import argparse
 import dataclasses
-import json
 import math
 import sys
 import time
@@ -37,12 +36,11 @@ from tqdm import tqdm
 from treg.analytic import SAMPLES, AnalyticPrior
 from treg.bench_accuracy import dense_posterior, latent_gram
 from treg.config import ConfigError, load_solver, load_task
-from treg.diffusion import randn
 from treg.images import atomic_write
-from treg.operators import build_operator
+from treg.operators import build_operator, measure
 from treg.posterior import landed_component
 from treg.profiling import PRIOR_PARTS, Profiler
-from treg.runs import markdown_table
+from treg.runs import cli_args, markdown_table, write_json, write_text
 from treg.solvers import SOLVERS, residual_norm
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -95,8 +93,7 @@ def run_task(task_name, args, bar):
     mu = prior.means(h, h)
     x = prior.decode(torch.stack([mu[len(images) * t + t] for t in truth])).float()  # image t with its own detail
     gens = [torch.Generator().manual_seed(s) for s in seeds]
-    y = op.A(x)
-    y = y + sigma * randn(y.shape, gens, "cpu")
+    y = measure(op, x, sigma, gens)
     after_y = [g.get_state() for g in gens]
     floor = sigma * y[0].numel() ** 0.5
     uc = prior.embed([NULL_PROMPT])
@@ -228,10 +225,10 @@ def main(argv=None):
             f"cfg_guidance {args.cfg_guidance:g}; `python -m treg.bench_fast --help` defines the columns; "
             f"{time.perf_counter() - begin:.0f} s).\n\n" + table(rows))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    report = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+    report = {"settings": cli_args(args),
               "tasks": tasks, "rows": rows, "seconds": time.perf_counter() - begin}
-    atomic_write(Path(f"{args.out}.md"), lambda tmp: Path(tmp).write_text(text + "\n"))
-    atomic_write(Path(f"{args.out}.json"), lambda tmp: Path(tmp).write_text(json.dumps(report, indent=1)))
+    write_text(Path(f"{args.out}.md"), text + "\n")
+    write_json(Path(f"{args.out}.json"), report)
     figure(rows, Path(f"{args.out}.png"))
     print(text)
 

@@ -27,12 +27,12 @@ from scipy import stats
 from tqdm import tqdm
 
 from treg.analytic import SAMPLES
-from treg.images import atomic_write, load_image
+from treg.images import load_image
 from treg.invert import evaluate
 from treg.inversion import InversionConfig, invert
 from treg.prior import load_prior
 from treg.profiling import PRIOR_PARTS, Profiler
-from treg.runs import markdown
+from treg.runs import markdown, write_json, write_text
 
 NULL_PROMPT = "out of focus, depth of field"
 METHODS = ("ddim", "fpi", "rnri")
@@ -170,8 +170,8 @@ def main(argv=None):
         report["warm_start"] = rows
         text += ("\n### Warm start on the exact bed (×16 SR, 64 px, 200 steps, treg and dps YAML defaults)\n\n"
                  + table + "\n")
-    atomic_write(args.out.with_suffix(".md"), lambda tmp: Path(tmp).write_text(text))
-    atomic_write(args.out.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2)))
+    write_text(args.out.with_suffix(".md"), text)
+    write_json(args.out.with_suffix(".json"), report)
     print(text)
 
 

@@ -64,6 +64,12 @@ def cci_coefficients(b, w):
     return {"y": mu ** w - 1, "s1": rho, "s2": rho * (mu ** w - 1), "j1": w * (math.asinh(rho) - sigma), "j2": j2}
 
 
+def with_noise(cfg, noise_scale):
+    """cfg with sigma_y = the task's noise std where the solver models y's noise and its YAML leaves it unset
+    (ΠGDM, DDRM); any other config as it is."""
+    return dataclasses.replace(cfg, sigma_y=noise_scale) if getattr(cfg, "sigma_y", 0) is None else cfg
+
+
 @dataclasses.dataclass
 class CCIConfig:
     """C-ΠGDM (Pandey, Yang, Mandt, NeurIPS 2024), noiseless-y form, split update, closed-form coefficients."""

@@ -28,7 +28,7 @@ from PIL import Image, ImageDraw, ImageFont
 from treg import fid
 from treg.images import atomic_write
 from treg.metrics import MetricUnavailable
-from treg.runs import fmt, markdown
+from treg.runs import fmt, markdown, write_text
 
 ARG_SETTINGS = ("task_config", "model", "prompt", "null_prompt", "seed", "img_path")  # CLI args that are settings
 TASK_SETTINGS = ("image_size", "noise_scale")  # resolved task fields that are settings
@@ -211,7 +211,7 @@ def main(argv=None):
         f"\n\n{table}\n"))
     buffer = io.StringIO()
     csv.writer(buffer, lineterminator="\n").writerows([header, *([("" if v is None else v) for v in b] for b in body)])
-    atomic_write(out / "summary.csv", lambda tmp: Path(tmp).write_text(buffer.getvalue()))
+    write_text(out / "summary.csv", buffer.getvalue())
     with_method = len({r["method"] for r in rows}) > 1
     if any(p for r in rows for p in r["recon"].values()):
         sheet = contact_sheet(rows, keys, labels, names, with_method)

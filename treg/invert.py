@@ -170,10 +170,10 @@ def run(args):
     means = {m: {k: sum(v) / len(v) for k, v in cols.items()} | {"images": len(paths)} for m, cols in summary.items()}
     table = runs.markdown_table(means, [*COLUMNS, "images"])
     runs.write_json(args.workdir / "run.json", {
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "args": runs.cli_args(args),
         "configs": {cfg.method: dataclasses.asdict(cfg) for cfg in cfgs}, "means": means})
     if compare:
-        atomic_write(args.workdir / "compare.md", lambda tmp: Path(tmp).write_text(table + "\n"))
+        runs.write_text(args.workdir / "compare.md", table + "\n")
     print(table)
 
 

@@ -2,8 +2,8 @@
 
 Images are (B,3,H,W) tensors in [-1,1]; measurements keep image layout. Every operator has the forward map `A`, its
 exact adjoint `At` (⟨A x, y⟩ = ⟨x, Aᵀ y⟩) and the least-norm pseudo-inverse `pinv`. Kernels, masks and matrices are
-buffers, so `op.to(device)` and `op.double()` work; each method runs in its input's device and dtype. Measurement noise
-is the caller's job: y = op.A(x) + noise_scale·n.
+buffers, so `op.to(device)` and `op.double()` work; each method runs in its input's device and dtype. `measure` adds
+the measurement noise: y = op.A(x) + noise_scale·n.
 
     op = build_operator("super_resolution", 512, scale=16)   # configs/task/*.yaml: operator, params
 """
@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFilter
 from torch import nn
 
+from treg.diffusion import randn
 from treg.linalg import conjugate_gradient
 
 
@@ -32,6 +33,12 @@ class SVD:
     Ut: typing.Callable  # y → ȳ (zero where s = 0)
     U: typing.Callable  # ȳ → y
     singulars: torch.Tensor  # s ≥ 0, broadcastable against x̄; 0 = not measured
+
+
+def measure(op, x, noise_scale, generators):
+    """y = A x + noise_scale·n with n ~ N(0, I) drawn from each image's generator (one per image, or one)."""
+    y = op.A(x)
+    return y + noise_scale * randn(y.shape, generators, y.device)
 
 
 class Operator(nn.Module):

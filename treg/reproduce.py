@@ -33,7 +33,7 @@ import solve
 from treg import fid, runs
 from treg.config import ConfigError
 from treg.datasets import food101
-from treg.images import ImageError, atomic_write
+from treg.images import ImageError
 from treg.metrics import STYLES, MetricUnavailable, build_metrics
 from treg.prior import DEFAULT_MODEL
 from treg.solvers import SOLVERS
@@ -286,7 +286,7 @@ def main(argv=None):
         extractor = None
         print(f"note: FID/KID skipped: {err}", file=sys.stderr)
     markdown, numbers = tables(todo, extractor, args)
-    atomic_write(args.out / "tables.md", lambda tmp: Path(tmp).write_text(markdown))
+    runs.write_text(args.out / "tables.md", markdown)
     runs.write_json(args.out / "tables.json", numbers)
     print(markdown)
 

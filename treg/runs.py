@@ -18,6 +18,15 @@ def write_json(path, data):
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2)))
 
 
+def write_text(path, text):
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def cli_args(args):
+    """A CLI's parsed arguments as JSON-ready values (paths as strings)."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+
+
 def record_path(workdir, index):
     return Path(workdir) / RECORDS / f"{index:05d}.json"
 
@@ -91,7 +100,7 @@ def merge(workdir, header):
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     writer.writerows(table)
-    atomic_write(workdir / "metrics.csv", lambda tmp: Path(tmp).write_text(buffer.getvalue()))
+    write_text(workdir / "metrics.csv", buffer.getvalue())
     return summary
 
 
