@@ -112,7 +112,7 @@ def test_cci_starts_from_the_inversion_when_asked(bed, monkeypatch):
     """cci with init = inversion begins at inverted_start's latent instead of μ·H⁺y + σ·n, and still fits y."""
     from treg import fast
     prior, op, _, y, c, uc = bed
-    cfg = fast.CCIConfig(cfg_guidance=5.0, init="inversion")
+    cfg = fast.CCIConfig(cfg_guidance=5.0, sigma_y=0.01, init="inversion")
     starts = []
     real = fast.inverted_start
     monkeypatch.setattr(fast, "inverted_start", lambda *a, **k: starts.append(real(*a, **k)) or starts[-1])

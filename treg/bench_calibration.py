@@ -61,6 +61,13 @@ CURVES = [("tv", "TV to the posterior weights"), ("spread_null", "spread ratio, 
           ("residual_w1", "residual W1 to the exact"), ("rel_l2", "rel. L2 to nearest mean")]
 
 
+def solver_of(name):
+    """The solver function that a --solvers name runs: its SOLVERS entry, or the `solver` that
+    configs/solver/<name>.yaml names (cci-noiseless → cci)."""
+    path = ROOT / f"configs/solver/{name}.yaml"
+    return SOLVERS[load_solver(path, SOLVERS)[0] if path.exists() else name][0]
+
+
 def solver_config(name, steps, w):
     """The solver's YAML config (its dataclass defaults if it has no YAML) with `steps` and `cfg_guidance` set."""
     path = ROOT / f"configs/solver/{name}.yaml"
@@ -146,19 +153,19 @@ def run(args, bar):
     for steps in args.steps:
         for name in args.solvers:
             bar.set_description(f"calibration {name} {steps} steps")
-            add("calibration", ex.row(name, SOLVERS[name][0], solver_config(name, steps, 0.0), "", 0.0)[0],
+            add("calibration", ex.row(name, solver_of(name), solver_config(name, steps, 0.0), "", 0.0)[0],
                 steps=steps)
     for w in args.guidance:
         add("guidance", ex.exact_row(GUIDED, w), w=w)
         for name in args.solvers:
             bar.set_description(f"guidance {name} w={w:g}")
             cfg = solver_config(name, args.main_steps, w)
-            add("guidance", ex.row(name, SOLVERS[name][0], cfg, GUIDED, w)[0], w=w)
+            add("guidance", ex.row(name, solver_of(name), cfg, GUIDED, w)[0], w=w)
     add("conflict", ex.exact_row(cal.CONFLICT, args.conflict_w), w=args.conflict_w)
     for name in args.solvers:
         bar.set_description(f"conflict {name}")
         cfg = solver_config(name, args.main_steps, args.conflict_w)
-        add("conflict", ex.row(name, SOLVERS[name][0], cfg, cal.CONFLICT, args.conflict_w)[0], w=args.conflict_w)
+        add("conflict", ex.row(name, solver_of(name), cfg, cal.CONFLICT, args.conflict_w)[0], w=args.conflict_w)
     for steps in args.sensitivity_steps:
         for label in args.variants:
             bar.set_description(f"sensitivity {label} {steps} steps")
@@ -291,7 +298,8 @@ def float_list(text):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--solvers", default=None, help="comma-separated solvers (default: every entry of SOLVERS)")
+    p.add_argument("--solvers", default=None, help="comma-separated solvers or configs/solver YAML names, e.g. "
+                   "cci-noiseless (default: every entry of SOLVERS)")
     p.add_argument("--seeds", type=int, default=200, help="solver seeds per cell (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of y's noise and the first solver seed (default: 0)")
     p.add_argument("--steps", type=int_list, default=[10, 20, 50, 100, 200],
@@ -313,10 +321,10 @@ def parse_args(argv=None):
 
 
 def check(args):
-    unknown = [s for s in args.solvers if s not in SOLVERS]
+    unknown = [s for s in args.solvers if s not in SOLVERS and not (ROOT / f"configs/solver/{s}.yaml").exists()]
     if unknown or not args.solvers:
-        raise ConfigError(f"--solvers: unknown {', '.join(unknown) or '(none given)'}; "
-                          f"choose from {', '.join(SOLVERS)}")
+        raise ConfigError(f"--solvers: unknown {', '.join(unknown) or '(none given)'}; choose from "
+                          f"{', '.join(SOLVERS)} or a configs/solver YAML name")
     bad = [v for v in args.variants if v not in cal.VARIANTS]
     if bad:
         raise ConfigError(f"--variants: unknown {', '.join(bad)}; choose from {', '.join(cal.VARIANTS)}")

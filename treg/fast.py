@@ -13,8 +13,10 @@ clean level ᾱ = 1, so the last step returns a sample, not a Tweedie estimate. 
 """
 import dataclasses
 import math
+import typing
 import warnings
 
+import numpy
 import torch
 from scipy.integrate import quad
 
@@ -72,11 +74,13 @@ def with_noise(cfg, noise_scale):
 
 @dataclasses.dataclass
 class CCIConfig:
-    """C-ΠGDM (Pandey, Yang, Mandt, NeurIPS 2024), noiseless-y form, split update, closed-form coefficients."""
+    """C-ΠGDM (Pandey, Yang, Mandt, NeurIPS 2024): split update with closed-form coefficients; with σ_y > 0 and an
+    SVD of H, ΠGDM's noisy guidance integrated exactly per singular value (see `cci_basis`)."""
     steps: int = bounded(5, 1, 1000)            # conditional steps = NFE (official demo: 5)
     w: float = bounded(15.0, 0, 100)            # ΠGDM guidance weight inside the projector Φ (official demo: 15)
     k_start: int = bounded(566, 1, 999)         # first timestep: VPSDE t = 0.4 matched by noise level (ᾱ = 0.196)
     cfg_guidance: float = bounded(4.0, 0, 100)  # text CFG weight of ε̂ (project default); 0 = without text
+    sigma_y: float | None = bounded(None, 0, 10)  # y's noise std; None = the task's noise_scale; 0 = noiseless form
     cg_lamb: float = bounded(1e-4, 0, 1e6, low_open=True)  # Stable Diffusion only: final pixel prox λ (TReg's)
     cg_iters: int = bounded(5, 0, 10000)        # Stable Diffusion only: its CG iterations (TReg's)
     init: str = one_of("noise", ("noise", "inversion"))  # EXPERIMENTAL "inversion": see inverted_start
@@ -95,46 +99,140 @@ def inverted_start(prior, op, y, cfg, *, c, uc, generator=None):
     return renoised_inversion(prior, z0, inversion, level, c=c, uc=uc, generator=generator)
 
 
+@dataclasses.dataclass
+class CCIBasis:
+    """Coordinates in which CCI's coefficients act elementwise: `split` x into parts, `join` them back; `r` holds
+    s²/σ_y² per part (broadcast against split(x)): 0 = unmeasured, ∞ = measured without noise."""
+    split: typing.Callable
+    join: typing.Callable
+    r: torch.Tensor
+    y_part: torch.Tensor  # H⁺y in these coordinates (0 on the unmeasured parts)
+
+
+def cci_basis(prior, op, h, like, y, sigma_y, generator):
+    """Noiseless (σ_y = 0, or no SVD of H): the two parts x − Px and Px of the official split form, r = (0, ∞).
+    Noisy with an SVD H = U S Vᵀ: ΠGDM's Hᵀ(HHᵀ + σ_y²/σ² I)⁻¹ is V diag(π) S⁺Uᵀ with π = rσ²/(rσ² + 1), so the
+    guided ODE is diagonal in x̄ = Vᵀx and its linear part is integrated exactly per singular value: the exact
+    form of N-C-ΠGDM (the official code keeps only the first order in σ_y², with (HᵀH)⁺ = V S⁻² Vᵀ)."""
+    spectral = None
+    if sigma_y > 0 and not isinstance(h, LatentSurrogate):
+        try:
+            spectral = h.svd(like)
+        except (AttributeError, ValueError):
+            warnings.warn("cci: this operator has no SVD here, so y's noise is not modelled (noiseless C-ΠGDM)")
+    elif sigma_y > 0:
+        warnings.warn("cci: the Stable Diffusion surrogate has no SVD, so y's noise is not modelled (noiseless C-ΠGDM)")
+    if spectral is None:
+        P = projector(h)
+        hy = P(_measurement_inverse(prior, op, h, y, generator))
+
+        def split(x):
+            px = P(x)
+            return torch.stack([x - px, px])
+        r = torch.tensor([0.0, math.inf], dtype=torch.float64, device=y.device).view(2, *[1] * like.dim())
+        return CCIBasis(split, lambda parts: parts.sum(0), r, split(hy))
+    s = spectral.singulars.double()
+    y_part = torch.where(s > 0, spectral.Ut(y.double()) / s, torch.zeros_like(s))  # S⁺Uᵀy = Vᵀ H⁺y
+    return CCIBasis(lambda x: spectral.Vt(x.double()), spectral.V, s ** 2 / sigma_y ** 2, y_part)
+
+
+def cci_table(b_levels, w, r):
+    """For each level b of `b_levels` and each r (tensor): π, the integrating factor E(b) = exp(½b − ½w∫₀^b π) and
+    Φ_y, Φ_s, Φ_j = ∫₀^b of φ_y = −½wμπE, φ_s = ½E(1/σ − wσπ), φ_j = ½wμσE (the coefficients of H⁺y, ε̂ and
+    (∂ε̂/∂x)ᵀm in x̄ = E·x). r = 0 and r = ∞ take the closed forms of `cci_coefficients`, any other r the
+    quadrature of `_noisy_coefficients`. Returns {key: [a tensor shaped like r per level]}."""
+    values, where = torch.unique(r.double().cpu(), return_inverse=True)
+    finite = (values > 0) & torch.isfinite(values)
+    columns = torch.zeros(5, len(b_levels), len(values), dtype=torch.float64)
+    for n, b in enumerate(b_levels):
+        c = cci_coefficients(b, w)
+        unmeasured = (0.0, math.exp(b / 2), 0.0, c["s1"], c["j1"])  # π = 0: DDIM's x/μ
+        noiseless = (1.0, math.exp(-b / 2) ** (w - 1), c["y"], c["s1"] + c["s2"], c["j1"] + c["j2"])  # π = 1
+        columns[:, n, values == 0] = torch.tensor(unmeasured, dtype=torch.float64)[:, None]
+        columns[:, n, torch.isinf(values)] = torch.tensor(noiseless, dtype=torch.float64)[:, None]
+    if finite.any():
+        columns[:, :, finite] = _noisy_coefficients(b_levels, w, values[finite])
+    return {key: [level[where].to(r.device) for level in rows]
+            for key, rows in zip(("pi", "E", "y", "s", "j"), columns)}
+
+
+def _noisy_coefficients(b_levels, w, r, nodes=12, chunk=4096):
+    """(5, len(b_levels), len(r)) float64: π, E, Φ_y, Φ_s, Φ_j of cci_table for 0 < r < ∞. ∫π has a closed form;
+    Φ is composite Gauss–Legendre in u = √b (smooth at b = 0, where 1/σ ~ 1/u) on panels that halve towards 0
+    down to 2⁻⁴⁰ of the top, so that π's step at σ² ≈ 1/r is resolved at any r."""
+    r = r.double()
+    roots = sorted({math.sqrt(b) for b in b_levels})
+    edges = torch.tensor(sorted({0.0, *roots, *(roots[-1] * 2.0 ** -j for j in range(41))}), dtype=torch.float64)
+    x, weight = (torch.from_numpy(a) for a in numpy.polynomial.legendre.leggauss(nodes))
+    lo, hi = edges[:-1, None], edges[1:, None]
+    u = (lo + hi) / 2 + (hi - lo) / 2 * x  # (panels, nodes)
+    weight = (hi - lo) / 2 * weight * 2 * u  # db = 2u du
+    at = [int(torch.searchsorted(edges, math.sqrt(b))) for b in b_levels]  # the edge of each level
+    b, levels = u * u, torch.tensor(b_levels, dtype=torch.float64)
+    mu, sigma = torch.exp(-b / 2), torch.sqrt(-torch.expm1(-b))
+
+    def pi_and_exponent(r, b):
+        """π = rσ²/(rσ² + 1) and ½b − ½w∫₀^b π, with ∫₀^b π = b − log(1 + (1 + r)(e^b − 1))/(1 + r)."""
+        sig2 = -torch.expm1(-b)
+        area = b - torch.log1p((1 + r) * torch.expm1(b)) / (1 + r)
+        return r * sig2 / (r * sig2 + 1), b / 2 - w / 2 * area
+
+    out = torch.empty(5, len(b_levels), len(r), dtype=torch.float64)
+    for first in range(0, len(r), chunk):
+        part = slice(first, first + chunk)
+        pi, exponent = pi_and_exponent(r[part, None], levels)
+        out[0, :, part], out[1, :, part] = pi.T, exponent.exp().T
+        pi, exponent = pi_and_exponent(r[part, None, None], b)
+        E = exponent.exp()
+        for row, f in zip((2, 3, 4), (-0.5 * w * mu * pi * E, 0.5 * E * (1 / sigma - w * sigma * pi),
+                                      0.5 * w * mu * sigma * E)):
+            panels = (f * weight).sum(-1)
+            at_edges = torch.cat([torch.zeros_like(panels[:, :1]), panels.cumsum(-1)], dim=1)
+            out[row, :, part] = at_edges[:, at].T
+    return out
+
+
 @torch.no_grad()
 def cci(prior, op, y, cfg, *, c, uc, generator=None, callback=None):
+    if cfg.sigma_y is None:
+        raise ConfigError("cci: sigma_y is not set (solve.py sets it to the task's noise_scale)")
     like = _latent_like(prior, op, y)
     h = latent_operator(prior, op, like, surrogate=True)
     P = projector(h)
     probe = P(randn(like.shape, torch.Generator().manual_seed(0), y.device).double())
     if (P(probe) - probe).norm() > 1e-6 * probe.norm():  # e.g. motion blur's CG pinv: Φ⁻¹ amplifies the error
         warnings.warn("cci: pinv∘A is not an exact projector for this operator; row-space errors grow by μ^-w")
-    w, ks = cfg.w, start_grid(cfg.k_start, cfg.steps)
+    basis = cci_basis(prior, op, h, like, y, cfg.sigma_y, generator)
+    ks = start_grid(cfg.k_start, cfg.steps)
     levels = [_levels(prior, k) for k in ks] + [_levels(prior, None)]
-    # Φ at every grid level, once per solve (b = −2 log μ; b = 0 at the clean end)
-    table = [cci_coefficients(-2 * math.log(mu), w) for mu, _ in levels]
+    # π, E and Φ at every grid level, once per solve (b = −2 log μ; b = 0 at the clean end)
+    table = cci_table([-2 * math.log(mu) for mu, _ in levels], cfg.w, basis.r)
     c, uc = c.expand(len(y), -1, -1), uc.expand(len(y), -1, -1)
 
-    # 1. warm start x = μ₀·H⁺y + σ₀·n, split into the null-space and row-space parts of x̄ = Φ(x) (float64)
-    hy = P(_measurement_inverse(prior, op, h, y, generator))
+    # 1. warm start x = μ₀·H⁺y + σ₀·n; x̄ = E·x in the basis's parts (float64)
     mu, sigma = levels[0]
     if cfg.init == "inversion":
         x = inverted_start(prior, op, y, cfg, c=c, uc=uc, generator=generator).double()
     else:
-        x = mu * hy + sigma * randn(like.shape, generator, y.device).double()
-    nu, row = (x - P(x)) / mu, mu ** (w - 1) * P(x)
+        x = mu * basis.join(basis.y_part) + sigma * randn(like.shape, generator, y.device).double()
+    x_bar = table["E"][0] * basis.split(x)
     for n, k in enumerate(ks):
         mu, sigma = levels[n]
-        # 2. ε̂ (text CFG) and g = (∂ε̂/∂x)ᵀ m with m = sg(H⁺y − P x̂0): one forward, one backward (both branches)
+        # 2. ε̂ (text CFG) and g = (∂ε̂/∂x)ᵀ m, m = sg(ΠGDM's Hᵀ(HHᵀ + σ_y²/σ² I)⁻¹(y − H x̂0)): one forward, one
+        # backward through both CFG branches; noiseless, m = H⁺y − P x̂0
         with torch.enable_grad():
             xg = x.to(y.dtype).requires_grad_()
             eps = guided_eps(prior, xg, k, uc, c, cfg.cfg_guidance)
-            m = hy - P((x - sigma * eps.detach().double()) / mu)
+            x0 = (x - sigma * eps.detach().double()) / mu
+            m = basis.join(table["pi"][n] * (basis.y_part - basis.split(x0)))
             g, = torch.autograd.grad(eps, xg, m.to(eps.dtype))
         eps, g = eps.detach().double(), g.double()
-        x0 = (x - sigma * eps) / mu
-        # 3. exponential-integrator step with ε̂ and g frozen, the scalar coefficients integrated exactly
-        d = {key: table[n + 1][key] - table[n][key] for key in table[n]}
-        pe, pg = P(eps), P(g)
-        nu = nu + d["s1"] * (eps - pe) + d["j1"] * (g - pg)  # null(H): DDIM plus the Jacobian term
-        row = row + d["y"] * hy + (d["s1"] + d["s2"]) * pe + (d["j1"] + d["j2"]) * pg  # row(H): pulled to H⁺y
-        # 4. back from x̄ to x at the next level: x = μ·ν + μ^{1−w}·ϱ
-        mu_next = levels[n + 1][0]
-        x = mu_next * nu + mu_next ** (1 - w) * row
+        # 3. exponential-integrator step with ε̂ and g frozen, the scalar coefficients integrated exactly: on the
+        # unmeasured part DDIM plus the Jacobian term, on the measured parts a pull to H⁺y as E → 1
+        d = {key: table[key][n + 1] - table[key][n] for key in ("y", "s", "j")}
+        x_bar = x_bar + d["y"] * basis.y_part + d["s"] * basis.split(eps) + d["j"] * basis.split(g)
+        # 4. back to x at the next level
+        x = basis.join(x_bar / table["E"][n + 1])
         if callback:
             callback({"i": n, "steps": cfg.steps, "t": k, "z0": x0.to(y.dtype)})
     x = prior.decode(x.to(y.dtype))
