@@ -175,8 +175,11 @@ def test_bad_arguments_are_one_line_errors(tmp_path, argv, message, capsys):
 
 
 def test_noise_aware_solvers_get_the_beds_noise():
-    """ΠGDM and DDRM model y's noise: the benchmark gives them the task's σ_y, as solve.py does."""
-    from treg.bench_calibration import solver_config
-    for name in ("pigdm", "ddrm"):
+    """CCI, ΠGDM and DDRM model y's noise: the benchmark gives them the task's σ_y, as solve.py does; a YAML name
+    runs the solver it names with its own settings (cci-noiseless: cci with σ_y = 0)."""
+    from treg.bench_calibration import solver_config, solver_of
+    for name in ("cci", "pigdm", "ddrm"):
         cfg = solver_config(name, 5, 0.0)
         assert cfg.sigma_y == 0.01 and cfg.steps == 5 and cfg.cfg_guidance == 0.0
+        assert solver_of(name) is SOLVERS[name][0]
+    assert solver_of("cci-noiseless") is SOLVERS["cci"][0] and solver_config("cci-noiseless", 5, 0.0).sigma_y == 0

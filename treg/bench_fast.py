@@ -36,6 +36,7 @@ from tqdm import tqdm
 from treg.analytic import SAMPLES, AnalyticPrior
 from treg.bench_accuracy import dense_posterior, latent_gram
 from treg.config import ConfigError, load_solver, load_task
+from treg.fast import with_noise
 from treg.images import atomic_write
 from treg.operators import build_operator, measure
 from treg.posterior import landed_component
@@ -68,17 +69,17 @@ def mean_ci(values):
 
 
 def solver_config(name, steps, setting, sigma, w):
-    _, cfg = load_solver(ROOT / f"configs/solver/{name}.yaml", SOLVERS, README_FLAGS.get(name, {}))
-    changes = {"steps": steps, "cfg_guidance": 0.0 if setting == "w=0" else w}
-    if hasattr(cfg, "sigma_y"):
-        changes["sigma_y"] = sigma
-    return dataclasses.replace(cfg, **changes)
+    """(solver function, config) of configs/solver/<name>.yaml (which names its solver: cci-noiseless → cci) with
+    `steps`, the setting's cfg_guidance and, where the solver models y's noise and the YAML leaves it unset, σ_y."""
+    solver, cfg = load_solver(ROOT / f"configs/solver/{name}.yaml", SOLVERS, README_FLAGS.get(name, {}))
+    cfg = dataclasses.replace(cfg, steps=steps, cfg_guidance=0.0 if setting == "w=0" else w)
+    return SOLVERS[solver][0], with_noise(cfg, sigma)
 
 
 def run_task(task_name, args, bar):
     task = load_task(ROOT / f"configs/task/{task_name}.yaml", args.image_size)
     op = build_operator(task.operator, task.image_size, **task.params)
-    sigma = task.noise_scale
+    sigma = task.noise_scale if args.noise_scale is None else args.noise_scale
     prior = AnalyticPrior.from_folder()
     h = task.image_size // prior.vae_scale_factor
     gram, *_ = latent_gram(prior, op, (prior.latent_channels, h, h))
@@ -118,9 +119,9 @@ def run_task(task_name, args, bar):
                      for post, g in zip(posts, gens)]
                 x_hat = prior.decode(torch.stack(z)).float()
             else:
-                cfg = solver_config(name, steps, setting, sigma, args.cfg_guidance)
+                fn, cfg = solver_config(name, steps, setting, sigma, args.cfg_guidance)
                 profiler = Profiler("cpu")
-                x_hat = SOLVERS[name][0](profiler.wrap(prior, PRIOR_PARTS), op, y, cfg, c=c, uc=uc, generator=gens)
+                x_hat = fn(profiler.wrap(prior, PRIOR_PARTS), op, y, cfg, c=c, uc=uc, generator=gens)
                 nfe = profiler.report(time.perf_counter() - begin, len(seeds))["nfe"]
             wall = time.perf_counter() - begin
             residual = (residual_norm(op, y, x_hat) / floor).tolist()
@@ -192,8 +193,10 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="first seed (default: %(default)s)")
     p.add_argument("--image_size", type=int, default=64, help="image side, at most 128 (default: %(default)s)")
     p.add_argument("--cfg_guidance", type=float, default=5.0, help="w of the text settings (README: 5.0)")
+    p.add_argument("--noise_scale", type=float, default=None, help="std of y's noise (default: the task's, 0.01)")
     p.add_argument("--methods", default=",".join(f"{n}-{s}" for n, s in METHODS),
-                   help="comma-separated SOLVER-STEPS (default: %(default)s)")
+                   help="comma-separated SOLVER-STEPS; SOLVER is a configs/solver YAML name, e.g. cci-noiseless "
+                        "(default: %(default)s)")
     p.add_argument("--out", type=Path, default=Path("assets/fast"), help="writes OUT.md, OUT.json, OUT.png "
                    "(default: %(default)s)")
     args = p.parse_args(argv)
@@ -207,9 +210,12 @@ def main(argv=None):
     begin = time.perf_counter()
     torch.set_num_threads(1)
     try:
-        bad = [f"{n}-{s}" for n, _, s in args.methods if n not in SOLVERS or not s.isdigit()]
+        bad = [f"{n}-{s}" for n, _, s in args.methods
+               if not (ROOT / f"configs/solver/{n}.yaml").exists() or not s.isdigit()]
         if bad or not args.methods:
-            raise ConfigError(f"--methods: not SOLVER-STEPS with a known solver: {', '.join(bad) or '(none)'}")
+            raise ConfigError(f"--methods: not SOLVER-STEPS with a configs/solver YAML: {', '.join(bad) or '(none)'}")
+        if args.noise_scale is not None and not 0 < args.noise_scale <= 1:
+            raise ConfigError(f"--noise_scale must be in (0, 1], got {args.noise_scale}")
         args.methods = [(n, int(s)) for n, _, s in args.methods]
         if args.seeds < 2 or args.image_size > 128:
             raise ConfigError("--seeds must be at least 2 (for intervals) and --image_size at most 128 (dense MᵀM)")
@@ -222,7 +228,7 @@ def main(argv=None):
     except ConfigError as err:
         sys.exit(f"error: {err}")
     text = (f"Accuracy per NFE on the exact bed (analytic prior, {args.image_size}², {args.seeds} seeds per row, "
-            f"cfg_guidance {args.cfg_guidance:g}; `python -m treg.bench_fast --help` defines the columns; "
+            f"cfg_guidance {args.cfg_guidance:g}, σ_y {tasks[args.tasks[0]]['noise_scale']:g}; `python -m treg.bench_fast --help` defines the columns; "
             f"{time.perf_counter() - begin:.0f} s).\n\n" + table(rows))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     report = {"settings": cli_args(args),
