@@ -165,7 +165,10 @@ def test_bench_calibration_end_to_end(tmp_path, capsys, monkeypatch):
                                            (["--variants", "nope"], "unknown nope"),
                                            (["--seeds", "1"], "at least 2"),
                                            (["--steps", "0"], "in [1, 1000]"),
-                                           (["--steps", "x"], "invalid int_list")])
+                                           (["--steps", "x"], "invalid int_list"),
+                                           (["--solvers", "cci", "--set", "treg.steps=3"], "not a selected solver"),
+                                           (["--solvers", "cci", "--set", "cci.k_strt=9"], "does not apply"),
+                                           (["--solvers", "cci", "--set", "cci.k_start=5000"], "[1, 999]")])
 def test_bad_arguments_are_one_line_errors(tmp_path, argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         bench.main(argv + ["--out", str(tmp_path / "cal")])
@@ -183,3 +186,4 @@ def test_noise_aware_solvers_get_the_beds_noise():
         assert cfg.sigma_y == 0.01 and cfg.steps == 5 and cfg.cfg_guidance == 0.0
         assert solver_of(name) is SOLVERS[name][0]
     assert solver_of("cci-noiseless") is SOLVERS["cci"][0] and solver_config("cci-noiseless", 5, 0.0).sigma_y == 0
+    assert solver_config("cci", 5, 0.0, [("cci.k_start", 999), ("treg.steps", 3)]).k_start == 999  # --set

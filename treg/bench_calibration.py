@@ -34,6 +34,7 @@ Writes OUT.md, OUT.json and OUT.png (NFE curves) (default assets/calibration). O
 """
 import argparse
 import dataclasses
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -43,6 +44,7 @@ import torch
 from tqdm import tqdm
 
 from treg import calibration as cal
+from treg.bench_accuracy import parse_set
 from treg.config import ConfigError, load_solver, load_task
 from treg.images import atomic_write
 from treg.profiling import PRIOR_PARTS, Profiler
@@ -62,18 +64,16 @@ CURVES = [("tv", "TV to the posterior weights"), ("spread_null", "spread ratio, 
 
 
 def solver_of(name):
-    """The solver function that a --solvers name runs: its SOLVERS entry, or the `solver` that
-    configs/solver/<name>.yaml names (cci-noiseless → cci)."""
-    path = ROOT / f"configs/solver/{name}.yaml"
-    return SOLVERS[load_solver(path, SOLVERS)[0] if path.exists() else name][0]
+    """The solver function that configs/solver/<name>.yaml names (cci → cci, cci-noiseless → cci)."""
+    return SOLVERS[load_solver(ROOT / f"configs/solver/{name}.yaml", SOLVERS)[0]][0]
 
 
-def solver_config(name, steps, w):
-    """The solver's YAML config (its dataclass defaults if it has no YAML) with `steps` and `cfg_guidance` set."""
-    path = ROOT / f"configs/solver/{name}.yaml"
-    cfg = load_solver(path, SOLVERS)[1] if path.exists() else SOLVERS[name][1]()
+def solver_config(name, steps, w, sets=()):
+    """configs/solver/<name>.yaml with --set's (SOLVER.KEY, value) pairs for it, then `steps` and `cfg_guidance`."""
+    overrides = {key.split(".", 1)[1]: value for key, value in sets if key.split(".", 1)[0] == name}
+    cfg = load_solver(ROOT / f"configs/solver/{name}.yaml", SOLVERS, overrides)[1]
     fields = {f.name for f in dataclasses.fields(cfg)}
-    cfg = with_noise(cfg, load_task(ROOT / f"configs/task/{cal.TASK}.yaml").noise_scale)  # ΠGDM and DDRM
+    cfg = with_noise(cfg, load_task(ROOT / f"configs/task/{cal.TASK}.yaml").noise_scale)  # CCI, ΠGDM, DDRM
     return dataclasses.replace(cfg, **{k: v for k, v in (("steps", steps), ("cfg_guidance", w)) if k in fields})
 
 
@@ -153,18 +153,18 @@ def run(args, bar):
     for steps in args.steps:
         for name in args.solvers:
             bar.set_description(f"calibration {name} {steps} steps")
-            add("calibration", ex.row(name, solver_of(name), solver_config(name, steps, 0.0), "", 0.0)[0],
+            add("calibration", ex.row(name, solver_of(name), solver_config(name, steps, 0.0, args.set), "", 0.0)[0],
                 steps=steps)
     for w in args.guidance:
         add("guidance", ex.exact_row(GUIDED, w), w=w)
         for name in args.solvers:
             bar.set_description(f"guidance {name} w={w:g}")
-            cfg = solver_config(name, args.main_steps, w)
+            cfg = solver_config(name, args.main_steps, w, args.set)
             add("guidance", ex.row(name, solver_of(name), cfg, GUIDED, w)[0], w=w)
     add("conflict", ex.exact_row(cal.CONFLICT, args.conflict_w), w=args.conflict_w)
     for name in args.solvers:
         bar.set_description(f"conflict {name}")
-        cfg = solver_config(name, args.main_steps, args.conflict_w)
+        cfg = solver_config(name, args.main_steps, args.conflict_w, args.set)
         add("conflict", ex.row(name, solver_of(name), cfg, cal.CONFLICT, args.conflict_w)[0], w=args.conflict_w)
     for steps in args.sensitivity_steps:
         for label in args.variants:
@@ -185,7 +185,7 @@ def markdown(bed, report, args, seconds):
     target0 = bed.tilted_log_weights("", 0.0).exp().tolist()
     lines = [
         "# Calibration against the exact posterior", "",
-        f"`python -m treg.bench_calibration {' '.join(args.argv)}`".replace(" `", "`") + f": {n} seeds per cell, "
+        f"`python -m treg.bench_calibration {shlex.join(args.argv)}`".replace(" `", "`") + f": {n} seeds per cell, "
         f"{seconds / 60:.1f} min on {args.threads} CPU thread(s). Every value is the statistic on all {n} seeds with "
         f"its 95 % bootstrap interval ({cal.BOOTSTRAP} resamples). See `--help` for the definitions.", "",
         f"Bed: ×8 bicubic SR at 64² (σ = {bed.sigma:g}), one measurement y of the cat with its striped detail; "
@@ -311,6 +311,9 @@ def parse_args(argv=None):
                    "treg.calibration.VARIANTS, '' for none (default: %(default)s)")
     p.add_argument("--sensitivity_steps", type=int_list, default=[10, 50],
                    help="step counts of the sensitivity check (default: 10,50)")
+    p.add_argument("--set", type=parse_set, action="append", default=[], metavar="SOLVER.KEY=VALUE",
+                   help="override a solver YAML field for the calibration, guidance and conflict cells, e.g. "
+                        "cci.k_start=999 (repeatable)")
     p.add_argument("--threads", type=int, default=1, help="torch threads; the tensors are tiny (default: 1)")
     p.add_argument("--out", type=Path, default=Path("assets/calibration"), help="writes OUT.md, OUT.json, OUT.png")
     args = p.parse_args(argv)
@@ -321,7 +324,7 @@ def parse_args(argv=None):
 
 
 def check(args):
-    unknown = [s for s in args.solvers if s not in SOLVERS and not (ROOT / f"configs/solver/{s}.yaml").exists()]
+    unknown = [s for s in args.solvers if not (ROOT / f"configs/solver/{s}.yaml").exists()]
     if unknown or not args.solvers:
         raise ConfigError(f"--solvers: unknown {', '.join(unknown) or '(none given)'}; choose from "
                           f"{', '.join(SOLVERS)} or a configs/solver YAML name")
@@ -335,7 +338,10 @@ def check(args):
     if not args.guidance or not all(0 <= w <= 100 for w in [*args.guidance, args.conflict_w]):
         raise ConfigError("--guidance and --conflict_w must be in [0, 100]")
     for name in args.solvers:
-        solver_config(name, args.main_steps, 1.0)  # a broken YAML fails here, before any work
+        solver_config(name, args.main_steps, 1.0, args.set)  # a broken YAML or --set fails here, before any work
+    unused = [key for key, _ in args.set if key.split(".", 1)[0] not in args.solvers]
+    if unused:
+        raise ConfigError(f"--set {', '.join(unused)}: not a selected solver")
 
 
 def main(argv=None):

@@ -156,7 +156,7 @@ def cci_table(b_levels, w, r):
             for key, rows in zip(("pi", "E", "y", "s", "j"), columns)}
 
 
-def _noisy_coefficients(b_levels, w, r, nodes=12, chunk=4096):
+def _noisy_coefficients(b_levels, w, r, nodes=12):
     """(5, len(b_levels), len(r)) float64: π, E, Φ_y, Φ_s, Φ_j of cci_table for 0 < r < ∞. ∫π has a closed form;
     Φ is composite Gauss–Legendre in u = √b (smooth at b = 0, where 1/σ ~ 1/u) on panels that halve towards 0
     down to 2⁻⁴⁰ of the top, so that π's step at σ² ≈ 1/r is resolved at any r."""
@@ -178,6 +178,7 @@ def _noisy_coefficients(b_levels, w, r, nodes=12, chunk=4096):
         return r * sig2 / (r * sig2 + 1), b / 2 - w / 2 * area
 
     out = torch.empty(5, len(b_levels), len(r), dtype=torch.float64)
+    chunk = max(1, 2 ** 22 // u.numel())  # values of r per pass: temporaries of ~32 MB
     for first in range(0, len(r), chunk):
         part = slice(first, first + chunk)
         pi, exponent = pi_and_exponent(r[part, None], levels)
