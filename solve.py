@@ -102,8 +102,9 @@ def parse_args(argv=None):
     a("--dtype", choices=["fp16", "bf16", "fp32"], help="model weight dtype (default: fp16 on an accelerator, "
       "fp32 on cpu)")
     a("--image_size", type=int, help="override the task's image_size")
-    a("--compare", help="comma-separated solvers (e.g. treg,dps,psld,p2l,reddiff,ddim), each with "
-      "configs/solver/<name>.yaml, run on the same y and seed; writes a grid per image and a table")
+    a("--compare", help="comma-separated names of solver YAMLs beside --solver_config (e.g. treg,dps,psld,p2l,"
+      "reddiff,ddim, or variants such as cci,cci-noiseless), run on the same y and seed; writes a grid per image "
+      "and a table")
     a("--metrics", default="psnr,ssim", help="comma-separated: psnr, ssim, lpips (= lpips_vgg), lpips_alex, "
       "clip; unavailable ones are skipped with one line (default: %(default)s)")
     a("--metrics_style", default="ours", help="ours: metrics on the output tensors; official: as the official "
@@ -135,18 +136,24 @@ def versions():
 
 
 def solver_configs(args):
-    """[(name, config)]: the --solver_config alone, or every --compare solver's YAML beside it."""
+    """[(method, solver, config)]: the --solver_config alone (method = its solver), or every --compare name's YAML
+    beside it (method = the YAML's name, so that cci and cci-noiseless are two methods of one solver)."""
     overrides = {k: getattr(args, k) for k in SOLVER_FLAGS}
     if not args.compare:
-        return [load_solver(args.solver_config, SOLVERS, overrides)]
+        solver, cfg = load_solver(args.solver_config, SOLVERS, overrides)
+        return [(solver, solver, cfg)]
     names = [n.strip() for n in args.compare.split(",") if n.strip()]
-    unknown = [n for n in names if n not in SOLVERS]
-    if unknown or not names:
-        raise ConfigError(f"--compare: unknown solver(s) {', '.join(unknown)}; choose from {', '.join(SOLVERS)}")
     folder = args.solver_config.parent
-    out = [load_solver(folder / f"{n}.yaml", SOLVERS, overrides, strict=False) for n in names]
+    unknown = [n for n in names if not (folder / f"{n}.yaml").is_file()]
+    if unknown or not names:
+        known = sorted(f.stem for f in folder.glob("*.yaml"))
+        raise ConfigError(f"--compare: no {', '.join(f'{n}.yaml' for n in unknown) or 'names'} in {folder}; "
+                          f"choose from {', '.join(known)}")
+    if len(set(names)) < len(names):
+        raise ConfigError(f"--compare: a name is given twice in {args.compare!r}")
+    out = [(n, *load_solver(folder / f"{n}.yaml", SOLVERS, overrides, strict=False)) for n in names]
     for key, value in overrides.items():
-        if value is not None and not any(hasattr(cfg, key) for _, cfg in out):
+        if value is not None and not any(hasattr(cfg, key) for _, _, cfg in out):
             raise ConfigError(f"--{key} applies to none of {', '.join(names)}")
     return out
 
@@ -276,7 +283,7 @@ def prepare(args, state):
     if not 1 <= args.batch_size <= 4096:
         raise ConfigError(f"--batch_size must be in [1, 4096], got {args.batch_size}")
     task = load_task(args.task_config, args.image_size)
-    solvers = [(name, with_noise(cfg, task.noise_scale)) for name, cfg in solver_configs(args)]
+    solvers = [(method, solver, with_noise(cfg, task.noise_scale)) for method, solver, cfg in solver_configs(args)]
     metric_names = [m.strip() for m in args.metrics.split(",") if m.strip()]
     if "ssim" in metric_names and task.image_size < 11:
         raise ConfigError(f"--metrics ssim needs images of at least 11 pixels (its window), got {task.image_size}")
@@ -299,17 +306,17 @@ def prepare(args, state):
 def check_prior(prior, task, solvers, args, device):
     """The checks that need the loaded prior (still before any file is written)."""
     if not getattr(prior, "has_text", True):  # a pixel diffusion model (treg.pixel): unconditional
-        if any(getattr(cfg, "use_AN", False) for _, cfg in solvers):
+        if any(getattr(cfg, "use_AN", False) for _, _, cfg in solvers):
             raise ConfigError(f"adaptive negation needs text and '{args.model}' has none; drop --use_AN")
-        if "p2l" in dict(solvers):
+        if any(solver == "p2l" for _, solver, _ in solvers):
             raise ConfigError(f"p2l tunes the prompt and '{args.model}' has no text; choose another solver")
-        if args.prompt or any(getattr(cfg, "cfg_guidance", 0) > 0 for _, cfg in solvers):
+        if args.prompt or any(getattr(cfg, "cfg_guidance", 0) > 0 for _, _, cfg in solvers):
             warnings.warn(f"'{args.model}' is an unconditional pixel model: the prompt and cfg_guidance are ignored")
     multiple = getattr(prior, "size_multiple", prior.vae_scale_factor)
     if task.image_size % multiple:
         raise ConfigError(f"image_size {task.image_size} must be a multiple of {multiple} for this model "
                           f"(e.g. {max(multiple, task.image_size // multiple * multiple)})")
-    for name, cfg in solvers:
+    for name, _, cfg in solvers:
         if getattr(cfg, "steps", 0) > len(prior.alphas_cumprod):
             raise ConfigError(f"{name}: steps {cfg.steps} exceeds the model's {len(prior.alphas_cumprod)} training steps")
     need, have = memory_needed(prior, task.image_size, args.batch_size), available_memory(device)
@@ -328,10 +335,10 @@ def run(args, state, header):
         warnings.warn(note)
     if args.compare and state.is_main_process:
         flags = {k for k in SOLVER_FLAGS if getattr(args, k) is not None}
-        for name, cfg in solvers:
+        for name, _, cfg in solvers:
             print(settings_line(name, cfg, flags), file=sys.stderr)
 
-    needs_clip = any(getattr(cfg, "use_AN", False) for _, cfg in solvers)
+    needs_clip = any(getattr(cfg, "use_AN", False) for _, _, cfg in solvers)
     prior = load_prior(args.model, device, dtype, image_encoder=args.image_encoder if needs_clip else None)
     check_prior(prior, task, solvers, args, device)
     if args.gradient_checkpointing and hasattr(prior, "enable_gradient_checkpointing"):
@@ -342,10 +349,10 @@ def run(args, state, header):
         uc, c = prior.embed([args.null_prompt, args.prompt]).chunk(2)
 
     compare = bool(args.compare)
-    methods = [name for name, _ in solvers]
+    methods = [name for name, _, _ in solvers]
     header |= {"args": runs.cli_args(args),
               "task": dataclasses.asdict(task),
-              "solvers": {name: dataclasses.asdict(cfg) for name, cfg in solvers},
+              "solvers": {name: {"solver": solver, **dataclasses.asdict(cfg)} for name, solver, cfg in solvers},
               "device": str(device), "dtype": str(dtype).removeprefix("torch."), "versions": versions()}
     name = slug(args.prompt)
     todo = [i for i in range(len(paths))[state.process_index::state.num_processes]
@@ -360,7 +367,7 @@ def run(args, state, header):
         floor = task.noise_scale * y[0].numel() ** 0.5
         results = [{} for _ in batch]
         outputs = {}
-        for method, cfg in solvers:
+        for method, solver, cfg in solvers:
             for g, s in zip(gens, after_y):
                 g.set_state(s)  # every method starts from the same noise
             profiler.reset()
@@ -370,7 +377,7 @@ def run(args, state, header):
             finite = check_finite(method, steps)
             with tqdm(total=steps, desc=label, unit="step", leave=False, file=sys.stderr,
                       disable=not sys.stderr.isatty()) as bar:
-                x_hat = SOLVERS[method][0](prior_p, op_p, y, cfg, c=c, uc=uc, generator=gens,
+                x_hat = SOLVERS[solver][0](prior_p, op_p, y, cfg, c=c, uc=uc, generator=gens,
                                            callback=lambda info: (finite(info), bar.update()))
             if not torch.isfinite(x_hat).all():
                 raise NumericalError(f"{method} returned NaN or inf; nothing was written for this image")

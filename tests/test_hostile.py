@@ -131,7 +131,8 @@ def test_steps_beyond_the_models_training_steps(tmp_path, monkeypatch):
     (["--task_config", ROOT / "configs/task/inpainting.yaml", "--image_size", 8], "ssim needs images of at least 11"),
     (["--image_size", 8192], "GiB"),
     (["--steps", "many"], "invalid int value"),
-    (["--compare", "treg,nope"], "unknown solver(s) nope"),
+    (["--compare", "treg,nope"], "no nope.yaml in"),
+    (["--compare", "treg,treg"], "given twice"),
     (["--metrics", "psnr,fid"], "unknown metric"),
 ])
 def test_cli_values(tmp_path, flags, expected, monkeypatch):

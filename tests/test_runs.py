@@ -132,6 +132,18 @@ def test_compare_mode_writes_grid_and_table(tmp_path, capsys):
     assert record["solvers"]["treg"]["null_lr"] == 1e-3 and record["solvers"]["ddim"]["cfg_guidance"] == 3.0
 
 
+def test_compare_takes_yaml_variants_of_one_solver(tmp_path):
+    """--compare cci,cci-noiseless runs one solver twice under the YAMLs' names: two recon folders, two rows, and
+    run.json records the solver and each variant's settings (σ_y: the task's for cci, 0 for cci-noiseless)."""
+    code = run_main("--compare", "cci,cci-noiseless", "--workdir", tmp_path / "cmp", "--limit", 1)
+    assert code is None
+    record = json.loads((tmp_path / "cmp/run.json").read_text())
+    assert {k: (v["solver"], v["sigma_y"]) for k, v in record["solvers"].items()} == {
+        "cci": ("cci", 0.01), "cci-noiseless": ("cci", 0.0)}
+    assert sorted(r["method"] for r in csv.DictReader(open(tmp_path / "cmp/metrics.csv"))) == ["cci", "cci-noiseless"]
+    assert all((tmp_path / f"cmp/recon/{m}/00000-a photo of a cat.png").exists() for m in ("cci", "cci-noiseless"))
+
+
 def test_two_process_accelerate_run_covers_every_image_once(tmp_path):
     cfg = solver_yaml(tmp_path, "treg", steps=12)
     assert run_main("--solver_config", cfg, "--workdir", tmp_path / "single") is None
