@@ -143,6 +143,9 @@ def solver_configs(args):
         solver, cfg = load_solver(args.solver_config, SOLVERS, overrides)
         return [(solver, solver, cfg)]
     names = [n.strip() for n in args.compare.split(",") if n.strip()]
+    paths = [n for n in names if Path(n).name != n or n.startswith(".")]
+    if paths:  # a name is also an output folder (recon/<name>/)
+        raise ConfigError(f"--compare takes YAML names, not paths: {', '.join(paths)}")
     folder = args.solver_config.parent
     unknown = [n for n in names if not (folder / f"{n}.yaml").is_file()]
     if unknown or not names:

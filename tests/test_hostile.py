@@ -133,6 +133,7 @@ def test_steps_beyond_the_models_training_steps(tmp_path, monkeypatch):
     (["--steps", "many"], "invalid int value"),
     (["--compare", "treg,nope"], "no nope.yaml in"),
     (["--compare", "treg,treg"], "given twice"),
+    (["--compare", "treg,../solver/dps"], "not paths"),
     (["--metrics", "psnr,fid"], "unknown metric"),
 ])
 def test_cli_values(tmp_path, flags, expected, monkeypatch):
