@@ -23,8 +23,8 @@ import torch
 from scipy.integrate import quad
 
 from treg.config import ConfigError, bounded, one_of
-from treg.diffusion import cfg as guided_eps, randn, schedule, tweedie
-from treg.inversion import InversionConfig, renoised_inversion
+from treg.diffusion import cfg as guided_eps, randn, tweedie
+from treg.inversion import InversionConfig, measurement_start
 from treg.latent_ops import LatentSurrogate, latent_operator, projector
 from treg.linalg import conjugate_gradient, prox
 
@@ -93,12 +93,8 @@ def inverted_start(prior, op, y, cfg, *, c, uc, generator=None):
     """EXPERIMENTAL start in place of μ₀·H⁺y + σ₀·n: encode(A⁺y) inverted by RNRI (50 unshifted DDIM steps, the
     solver's text guidance) down to timestep cfg.init_invert_t, re-noised to the level of k_start."""
     inversion = InversionConfig(steps=50, cfg_guidance=cfg.cfg_guidance, official_shift=False)
-    triples = schedule(prior.alphas_cumprod, inversion.steps, official_shift=False)
-    inversion.start_step = next((i for i, (t, _, _) in enumerate(triples) if t <= cfg.init_invert_t),
-                                len(triples) - 1)
-    z0 = prior.encode(op.pinv(y), generator)
     level = float(prior.alphas_cumprod[cfg.k_start])
-    return renoised_inversion(prior, z0, inversion, level, c=c, uc=uc, generator=generator)
+    return measurement_start(prior, op, y, inversion, cfg.init_invert_t, level, c=c, uc=uc, generator=generator)
 
 
 @dataclasses.dataclass

@@ -81,17 +81,11 @@ def _prepare(prior, z0, cfg, c, uc, generator):
     return z0, *_embeddings(z0, c, uc)
 
 
-@torch.no_grad()
 def ddim_inversion(prior, z0, cfg, *, c, uc, generator=None, callback=None):
-    z, c, uc = _prepare(prior, z0, cfg, c, uc, generator)
-    for i, t, a, a_prev in _steps(prior, cfg):
-        z_next = z
-        if a != a_prev:
-            # z ≈ F(z'): the noise prediction of the known later latent stands in for that of the unknown one
-            z = implicit_map(prior, z_next, t, a, a_prev, c, uc, cfg.cfg_guidance)(z_next)
-        if callback:
-            callback({"i": i, "steps": cfg.steps, "t": t, "z": z, "z_next": z_next})
-    return z
+    """z ≈ F(z') per step, the noise prediction of the known later latent standing in for that of the unknown one:
+    the first fixed-point iteration."""
+    return fixed_point(prior, z0, dataclasses.replace(cfg, iters=1), c=c, uc=uc, generator=generator,
+                       callback=callback)
 
 
 @torch.no_grad()
@@ -186,6 +180,20 @@ def implicit_residual(prior, infos, cfg, *, c, uc):
     return torch.stack(errors).mean(0) if errors else torch.zeros(len(infos[0]["z"]) if infos else 0)
 
 
+def first_step_at(triples, t):
+    """Index of the first sampler step whose timestep is ≤ t (the last step if none is)."""
+    return next((i for i, (step_t, _, _) in enumerate(triples) if step_t <= t), len(triples) - 1)
+
+
+def measurement_start(prior, op, y, inversion, invert_t, level, *, c, uc, generator=None):
+    """encode(A⁺y) inverted by RNRI under `inversion`'s sampler down to its first step with t ≤ invert_t, then
+    re-noised to the level ᾱ = `level` (renoised_inversion): a solver's start made from the measurement."""
+    triples = schedule(prior.alphas_cumprod, inversion.steps, inversion.official_shift)
+    inversion = dataclasses.replace(inversion, start_step=first_step_at(triples, invert_t))
+    z0 = prior.encode(op.pinv(y), generator)
+    return renoised_inversion(prior, z0, inversion, level, c=c, uc=uc, generator=generator)
+
+
 def renoised_inversion(prior, z0, inversion, level, *, c, uc, generator=None):
     """z0 inverted by RNRI down to the input of sampler step inversion.start_step, then re-noised with fresh noise
     from that step's level ᾱ_s up to the level ᾱ = `level` ≤ ᾱ_s: a draw of q(z_level | z_s)."""
@@ -210,9 +218,8 @@ def warm_start(prior, op, y, cfg, *, c, uc, generator=None):
     if cfg.init_invert_t > cfg.init_t:
         raise ConfigError(f"init_invert_t ({cfg.init_invert_t}) must not exceed init_t ({cfg.init_t}): "
                           "re-noising only adds noise")
-    first = next((i for i, (t, _, _) in enumerate(triples) if t <= cfg.init_t), len(triples) - 1)
-    stop = next((i for i, (t, _, _) in enumerate(triples) if t <= cfg.init_invert_t), len(triples) - 1)
-    inversion = InversionConfig(steps=cfg.steps, cfg_guidance=cfg.cfg_guidance, official_shift=cfg.official_shift,
-                                start_step=stop)
-    z0 = prior.encode(op.pinv(y), generator)
-    return renoised_inversion(prior, z0, inversion, triples[first][1], c=c, uc=uc, generator=generator), first
+    first = first_step_at(triples, cfg.init_t)
+    inversion = InversionConfig(steps=cfg.steps, cfg_guidance=cfg.cfg_guidance, official_shift=cfg.official_shift)
+    z = measurement_start(prior, op, y, inversion, cfg.init_invert_t, triples[first][1], c=c, uc=uc,
+                          generator=generator)
+    return z, first
