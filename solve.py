@@ -174,29 +174,6 @@ def output_files(workdir, index, name, methods, compare):
     return files
 
 
-def resolve_device(name, state):
-    """The torch device for --device (None: this process's accelerator, else cpu), or ConfigError if this machine
-    has no such device."""
-    if name is None:
-        return torch.device((state.device if state.num_processes > 1 else None)
-                            or torch.accelerator.current_accelerator() or "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise ConfigError(f"--device {name!r} is not a torch device (cpu, cuda, cuda:1, mps, xpu, ...)") from None
-    if device.type == "cpu":
-        return device
-    if device.type == "meta":
-        raise ConfigError("--device meta holds no data; use cpu or an accelerator")
-    accelerator = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
-    if accelerator is None or accelerator.type != device.type:
-        have = f"cpu and {accelerator.type}" if accelerator else "only cpu"
-        raise ConfigError(f"--device {name}: this machine has no {device.type} device (it has {have})")
-    if device.index is not None and device.index >= torch.accelerator.device_count():
-        raise ConfigError(f"--device {name}: there are {torch.accelerator.device_count()} {device.type} devices")
-    return device
-
-
 def check_workdir(path):
     """ConfigError unless `path` is, or can be made, a writable folder. Creates nothing."""
     path = Path(path)
@@ -278,7 +255,7 @@ def write_outputs(files, pictures, record_path, record):
 
 def prepare(args, state):
     """Everything that can be wrong with the input, checked before any model loads or any file is written."""
-    device = resolve_device(args.device, state)
+    device = hub.resolve_device(args.device, state)
     if not 0 <= args.seed <= SEED_MAX:
         raise ConfigError(f"--seed must be in [0, {SEED_MAX}], got {args.seed}")
     if args.limit is not None and args.limit < 1:
@@ -332,8 +309,7 @@ def check_prior(prior, task, solvers, args, device):
 def run(args, state, header):
     """Solve every image of this process's shard; `header` is filled with the run's settings first."""
     device, task, solvers, op, metric_fns, notes, paths, sizes = prepare(args, state)
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32,
-             None: torch.float16 if device.type != "cpu" else torch.float32}[args.dtype]
+    dtype = hub.weight_dtype(args.dtype, device)
     for note in notes:
         warnings.warn(note)
     if args.compare and state.is_main_process:

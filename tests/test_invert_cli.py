@@ -61,6 +61,8 @@ def test_partial_inversion_on_analytic_prior(tmp_path):
     (["--img_path", ROOT_SAMPLE, "--method", "newton"], "unknown method"),
     (["--img_path", ROOT_SAMPLE, "--start_step", "50"], "--start_step must be below"),
     (["--img_path", ROOT_SAMPLE, "--alpha", "-1"], "'alpha' must be in"),
+    (["--img_path", ROOT_SAMPLE, "--device", "tpu"], "is not a torch device"),
+    (["--img_path", ROOT_SAMPLE, "--device", "meta"], "holds no data"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, flags, message):
     out = tmp_path / "run"

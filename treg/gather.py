@@ -22,10 +22,9 @@ import json
 import sys
 from pathlib import Path
 
-import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from treg import fid
+from treg import fid, hub
 from treg.images import atomic_write
 from treg.metrics import MetricUnavailable
 from treg.runs import fmt, markdown, write_text
@@ -191,7 +190,7 @@ def main(argv=None):
         fail(f"no run.json under {args.root} (run solve.py with --workdir {args.root}/NAME first)")
     if not args.no_fid:
         try:
-            add_set_metrics(rows, labels, fid.load_inception(torch.accelerator.current_accelerator() or "cpu"))
+            add_set_metrics(rows, labels, fid.load_inception(hub.resolve_device(None)))
         except MetricUnavailable as err:
             print(f"note: FID/KID skipped: {err}", file=sys.stderr)
     found = {k for r in rows for k in r["metrics"]}

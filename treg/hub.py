@@ -1,8 +1,13 @@
-"""Where a model comes from: a local folder, the local Hugging Face cache, or the hub. `locate` decides before
-anything loads, so that a missing model is one line: no retry messages and no 40 s wait when the hub is out of
-reach, and a path that does not exist is reported as a path, not looked up as a hub id."""
+"""Where a model comes from and what it runs on: a local folder, the local Hugging Face cache, or the hub. `locate`
+decides before anything loads, so that a missing model is one line: no retry messages and no 40 s wait when the hub
+is out of reach, and a path that does not exist is reported as a path, not looked up as a hub id. `resolve_device`
+and `weight_dtype` turn the CLIs' --device and --dtype into torch values, or a one-line error."""
 import os
 from pathlib import Path
+
+import torch
+
+from treg.config import ConfigError
 
 
 def quiet_libraries():
@@ -94,3 +99,33 @@ def load(cls, source, local_only, what, weights=True, **kwargs):
                                f"{kind.replace('_', ' ')} (e.g. {str(keys[0])[:80]}); the checkpoint is incomplete "
                                f"or was saved by an incompatible library version")
     return model
+
+
+def resolve_device(name, state=None):
+    """The torch device for --device (None: this process's accelerator under `accelerate launch`, else this
+    machine's accelerator, else cpu), or ConfigError if this machine has no such device. `state`: accelerate's
+    PartialState, or None outside a launch."""
+    if name is None:
+        launched = state is not None and state.num_processes > 1
+        return torch.device((state.device if launched else None) or torch.accelerator.current_accelerator() or "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"--device {name!r} is not a torch device (cpu, cuda, cuda:1, mps, xpu, ...)") from None
+    if device.type == "cpu":
+        return device
+    if device.type == "meta":
+        raise ConfigError("--device meta holds no data; use cpu or an accelerator")
+    accelerator = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+    if accelerator is None or accelerator.type != device.type:
+        have = f"cpu and {accelerator.type}" if accelerator else "only cpu"
+        raise ConfigError(f"--device {name}: this machine has no {device.type} device (it has {have})")
+    if device.index is not None and device.index >= torch.accelerator.device_count():
+        raise ConfigError(f"--device {name}: there are {torch.accelerator.device_count()} {device.type} devices")
+    return device
+
+
+def weight_dtype(name, device):
+    """The torch dtype for --dtype fp16, bf16 or fp32; None = fp16 on an accelerator, fp32 on cpu."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32,
+            None: torch.float16 if device.type != "cpu" else torch.float32}[name]

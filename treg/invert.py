@@ -111,9 +111,8 @@ def save_latent(path, z, cfg, t):
 
 
 def run(args):
-    device = torch.device(args.device or torch.accelerator.current_accelerator() or "cpu")
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32,
-             None: torch.float16 if device.type != "cpu" else torch.float32}[args.dtype]
+    device = hub.resolve_device(args.device)
+    dtype = hub.weight_dtype(args.dtype, device)
     cfgs = configs(args)  # every input problem is found before the model loads
     if args.image_size < 8 or args.image_size % 8:
         raise ConfigError(f"--image_size must be a positive multiple of 8, got {args.image_size}")

@@ -30,7 +30,7 @@ import torch
 from accelerate import PartialState
 
 import solve
-from treg import fid, runs
+from treg import fid, hub, runs
 from treg.config import ConfigError
 from treg.datasets import food101
 from treg.images import ImageError
@@ -281,7 +281,7 @@ def main(argv=None):
     if not state.is_main_process:
         return
     try:
-        extractor = fid.load_inception(args.device or torch.accelerator.current_accelerator() or "cpu")
+        extractor = fid.load_inception(hub.resolve_device(args.device))
     except MetricUnavailable as err:
         extractor = None
         print(f"note: FID/KID skipped: {err}", file=sys.stderr)
