@@ -158,3 +158,14 @@ def test_two_process_accelerate_run_covers_every_image_once(tmp_path):
     assert {image["process"] for image in record["images"]} == {0, 1}
     multi, single = pngs(tmp_path / "multi"), pngs(tmp_path / "single")
     assert multi.keys() == single.keys() and all(np.array_equal(multi[k], single[k]) for k in single)
+
+
+def test_mean_interval_is_the_student_t_interval():
+    """runs.mean_interval, which the benchmarks print as mean ± half-width, against scipy's t interval."""
+    from scipy import stats
+    from treg.runs import mean_interval
+    values = [0.9, 1.3, 0.7, 1.1, 1.6]
+    mean, half = mean_interval(values)
+    low, high = stats.t.interval(0.95, len(values) - 1, loc=np.mean(values), scale=stats.sem(values))
+    assert mean == pytest.approx(np.mean(values)) and half == pytest.approx((high - low) / 2, rel=1e-12)
+    assert mean_interval([2.0]) == (2.0, 0.0)

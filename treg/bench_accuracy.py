@@ -50,7 +50,7 @@ from treg.fast import with_noise
 from treg.operators import build_operator, measure
 from treg.posterior import ExactPosterior, landed_component, linear_map
 from treg.profiling import PRIOR_PARTS, Profiler
-from treg.runs import cli_args, write_json, write_text
+from treg.runs import cli_args, write_report
 from treg.solvers import SOLVERS, residual_norm
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -332,9 +332,7 @@ def main(argv=None):
     report = {"settings": settings | {"null_prompt": NULL_PROMPT, "images": list(IMAGES),
                                       "seconds": time.perf_counter() - begin},
               "tasks": tasks, "rows": rows, "runs": runs}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_text(Path(f"{args.out}.md"), table + "\n")
-    write_json(Path(f"{args.out}.json"), report)
+    write_report(args.out, table + "\n", report)
     print(table)
 
 

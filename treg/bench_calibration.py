@@ -49,7 +49,7 @@ from treg.config import ConfigError, load_solver, load_task
 from treg.images import atomic_write
 from treg.profiling import PRIOR_PARTS, Profiler
 from treg.fast import with_noise
-from treg.runs import cli_args, write_json, write_text
+from treg.runs import cli_args, write_report
 from treg.solvers import SOLVERS
 
 matplotlib.use("Agg")
@@ -364,9 +364,7 @@ def main(argv=None):
                                     "base_weights": cal.BASE_WEIGHTS, "captions": bed.captions,
                                     "bootstrap": cal.BOOTSTRAP, "reference_draws": REFERENCE_DRAWS},
             **report}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_text(Path(f"{args.out}.md"), table + "\n")
-    write_json(Path(f"{args.out}.json"), data)
+    write_report(args.out, table + "\n", data)
     figure(report, Path(f"{args.out}.png"))
     print(table)
 

@@ -18,7 +18,7 @@ interval half-width; Wilson interval for fractions):
                  spread), ≪ 1 collapsed onto the mean, ≫ 1 off the posterior
     NFE          noise-prediction evaluations per image (CFG counts 2); backward passes are extra for cci, pigdm, dps
 
-    python -m treg.bench_fast                               # 2 tasks × 3 settings × 8 seeds × 16 methods, ~4 min
+    python -m treg.bench_fast                               # 2 tasks × 3 settings × 8 seeds × 16 methods, 28 s
     python -m treg.bench_fast --seeds 2 --tasks super-resolution --methods cci-5,treg-200 --out /tmp/fast
 
 Writes OUT.md, OUT.json and OUT.png (default assets/fast) and prints the table. Offline: analytic prior only.
@@ -41,7 +41,7 @@ from treg.images import atomic_write
 from treg.operators import build_operator, measure
 from treg.posterior import landed_component
 from treg.profiling import PRIOR_PARTS, Profiler
-from treg.runs import cli_args, markdown_table, write_json, write_text
+from treg.runs import cli_args, markdown_table, mean_interval, write_report
 from treg.solvers import SOLVERS, residual_norm
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,14 +58,6 @@ def wilson(hits, n, z=1.96):
     centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (
         1 + z * z / n)
     return centre - half, centre + half
-
-
-def mean_ci(values):
-    """(mean, 95% half-width by the normal approximation; 0 for one value)."""
-    n = len(values)
-    mean = sum(values) / n
-    var = sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 else 0.0
-    return mean, 1.96 * math.sqrt(var / n)
 
 
 def solver_config(name, steps, setting, sigma, w):
@@ -138,8 +130,8 @@ def run_task(task_name, args, bar):
             tv = 0.5 * sum(abs(landed[cap] - expected[cap]) for cap in names) / len(seeds)
             rows.append({"task": task_name, "setting": setting, "solver": name, "steps": steps,
                          "cfg_guidance": getattr(cfg, "cfg_guidance", None), "nfe": nfe, "seconds": wall / len(seeds),
-                         "residual": mean_ci(residual), "hits": sum(hits) if hits else None, "seeds": len(seeds),
-                         "mode_tv": tv, "within_mode": mean_ci(distance), "landed": landed, "expected": expected})
+                         "residual": mean_interval(residual), "hits": sum(hits) if hits else None, "seeds": len(seeds),
+                         "mode_tv": tv, "within_mode": mean_interval(distance), "landed": landed, "expected": expected})
             bar.update()
     return rows, {"spread": spread, "std": prior.std, "noise_scale": sigma, "floor": floor}
 
@@ -227,14 +219,12 @@ def main(argv=None):
                 rows += r
     except ConfigError as err:
         sys.exit(f"error: {err}")
+    sigma = tasks[args.tasks[0]]["noise_scale"]
     text = (f"Accuracy per NFE on the exact bed (analytic prior, {args.image_size}², {args.seeds} seeds per row, "
-            f"cfg_guidance {args.cfg_guidance:g}, σ_y {tasks[args.tasks[0]]['noise_scale']:g}; `python -m treg.bench_fast --help` defines the columns; "
-            f"{time.perf_counter() - begin:.0f} s).\n\n" + table(rows))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    report = {"settings": cli_args(args),
-              "tasks": tasks, "rows": rows, "seconds": time.perf_counter() - begin}
-    write_text(Path(f"{args.out}.md"), text + "\n")
-    write_json(Path(f"{args.out}.json"), report)
+            f"cfg_guidance {args.cfg_guidance:g}, σ_y {sigma:g}; `python -m treg.bench_fast --help` defines the "
+            f"columns; {time.perf_counter() - begin:.0f} s).\n\n" + table(rows))
+    write_report(args.out, text + "\n", {"settings": cli_args(args), "tasks": tasks, "rows": rows,
+                                         "seconds": time.perf_counter() - begin})
     figure(rows, Path(f"{args.out}.png"))
     print(text)
 

@@ -15,7 +15,6 @@ Writes OUT.md and OUT.json (default assets/inversion) and prints the tables.
 """
 import argparse
 import json
-import math
 import sys
 import tempfile
 import time
@@ -23,7 +22,6 @@ from pathlib import Path
 
 import torch
 import yaml
-from scipy import stats
 from tqdm import tqdm
 
 from treg.analytic import SAMPLES
@@ -32,20 +30,10 @@ from treg.invert import evaluate
 from treg.inversion import InversionConfig, invert
 from treg.prior import load_prior
 from treg.profiling import PRIOR_PARTS, Profiler
-from treg.runs import markdown, write_json, write_text
+from treg.runs import cli_args, markdown, mean_interval, write_report
 
 NULL_PROMPT = "out of focus, depth of field"
 METHODS = ("ddim", "fpi", "rnri")
-
-
-def interval(values):
-    """(mean, half-width of the 95% t-interval; 0 for one value)."""
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return mean, 0.0
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    return mean, stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)
 
 
 def round_trips(prior, size, cfg, seeds):
@@ -86,7 +74,7 @@ def round_trip_table(prior, size, args, grid, bar):
             cfg = InversionConfig(method=method, steps=steps, cfg_guidance=args.cfg_guidance, prompt_aware=adjust)
             m = round_trips(prior, size, cfg, args.seeds if adjust else 1)
             rows.append({"steps": steps, "adjust": adjust, "method": method, "n": len(m["nfe"]),
-                         **{k: interval(v) for k, v in m.items()}})
+                         **{k: mean_interval(v) for k, v in m.items()}})
             bar.update()
     return rows
 
@@ -163,15 +151,13 @@ def main(argv=None):
     text = (f"Round trips, w = {args.cfg_guidance} for inversion and regeneration, K = 2, α = 0.1, official_shift on. "
             "Mean ± 95% t-interval over n = images × seeds; NFE and s/image of the inversion alone.\n\n"
             + "\n\n".join(tables) + "\n")
-    report = {"settings": vars(args) | {"out": str(args.out)},
-              "round_trips": results}
+    report = {"settings": cli_args(args), "round_trips": results}
     if not args.skip_warm_start:
         rows, table = warm_start_table(args)
         report["warm_start"] = rows
         text += ("\n### Warm start on the exact bed (×16 SR, 64 px, 200 steps, treg and dps YAML defaults)\n\n"
                  + table + "\n")
-    write_text(args.out.with_suffix(".md"), text)
-    write_json(args.out.with_suffix(".json"), report)
+    write_report(args.out, text, report)
     print(text)
 
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import yaml
 
 from treg.operators import build_operator
-from treg.runs import markdown_table
+from treg.runs import markdown_table, write_report
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -136,12 +136,9 @@ def main(argv=None):
             + "".join(f"\n\n{solver} does not run here: {why}" for solver, why in refused.items())
             + f"\n\nBlur 61×61 at {args.image_size}²: FFT {blur['fft_s'] * 1e3:.1f} ms, direct conv2d "
               f"{blur['conv2d_s'] * 1e3:.0f} ms ({blur['speedup']:.0f}× faster)\n")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".md").write_text(text)
-    args.out.with_suffix(".json").write_text(json.dumps(
-        {"solvers": per_solver, "checkpointing": checkpointing, "batching": batching, "blur": blur,
-         "fast": fast, "refused": refused,
-         "settings": {"steps": args.steps, "image_size": args.image_size, "device": args.device}}, indent=2))
+    write_report(args.out, text, {
+        "solvers": per_solver, "checkpointing": checkpointing, "batching": batching, "blur": blur, "fast": fast,
+        "refused": refused, "settings": {"steps": args.steps, "image_size": args.image_size, "device": args.device}})
     print(text)
 
 

@@ -22,6 +22,26 @@ def write_text(path, text):
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
+def write_report(out, text, data):
+    """A benchmark's OUT.md (text) and OUT.json (data), each written atomically, OUT's folder created; OUT is a path
+    prefix ("assets/fast"), so a dot in its name stays part of the name."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_text(Path(f"{out}.md"), text)
+    write_json(Path(f"{out}.json"), data)
+
+
+def mean_interval(values):
+    """(mean, half-width of its 95% Student-t interval; 0 for one value)."""
+    from scipy import stats
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, 0.0
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    return mean, stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)
+
+
 def cli_args(args):
     """A CLI's parsed arguments as JSON-ready values (paths as strings)."""
     return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
