@@ -298,7 +298,8 @@ def check_prior(prior, task, solvers, args, device):
                           f"(e.g. {max(multiple, task.image_size // multiple * multiple)})")
     for name, _, cfg in solvers:
         if getattr(cfg, "steps", 0) > len(prior.alphas_cumprod):
-            raise ConfigError(f"{name}: steps {cfg.steps} exceeds the model's {len(prior.alphas_cumprod)} training steps")
+            raise ConfigError(f"{name}: steps {cfg.steps} exceeds the model's {len(prior.alphas_cumprod)} "
+                              "training steps")
     need, have = memory_needed(prior, task.image_size, args.batch_size), available_memory(device)
     if need > have:
         raise ConfigError(f"image_size {task.image_size} with batch size {args.batch_size} needs about "

@@ -30,7 +30,7 @@ from treg import solvers
 from treg.analytic import SAMPLES, AnalyticPrior, load_image
 from treg.bench_accuracy import dense_posterior, hidden_details, latent_gram
 from treg.config import load_task
-from treg.operators import build_operator
+from treg.operators import build_operator, measure
 
 TASK = "super-resolution-x8"
 IMAGE_SIZE = 64
@@ -117,8 +117,7 @@ def build_bed(root, seed=0):
     means = torch.cat([content[:1] + details, content[1:]]).float()
     prior = WeightedPrior([*DETAILS, CONFLICT], means=means, std=STD, beta=BETA, base_weights=BASE_WEIGHTS)
     x = prior.decode(prior.means(8, 8)[:1])
-    y = op.A(x)
-    y = y + sigma * torch.randn(y.shape, generator=torch.Generator().manual_seed(seed))
+    y = measure(op, x, sigma, torch.Generator().manual_seed(seed))
     lam, basis = torch.linalg.eigh(gram)
     measured = lam > 1e-9 * lam.max()
     variance = 1 / (1 / STD ** 2 + lam.clamp(min=0) * measured / sigma ** 2)

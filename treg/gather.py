@@ -11,9 +11,10 @@ A sweep is a shell loop over solve.py, one workdir per setting; then gather them
 
 Writes into --out (default ROOT): summary.md and summary.csv (one row per run and method: the run folder, the method,
 the settings that differ across runs, then the metric means, and FID/KID of the run's reconstructions against its
-ground truths where pytorch-fid and its Inception weights are present, see treg/fid.py), sheet.png (ground truth, then the reconstructions of each
-run and method, one column per image) and plot.png (--metric against --x, one line per --lines value and per value of
-any other varying setting; skipped with a note when matplotlib is missing or --x does not vary).
+ground truths where pytorch-fid and its Inception weights are present, see treg/fid.py), sheet.png (ground truth,
+then the reconstructions of each run and method, one column per image) and plot.png (--metric against --x, one line
+per --lines value and per value of any other varying setting; skipped with a note when matplotlib is missing or --x
+does not vary).
 """
 import argparse
 import csv
@@ -31,7 +32,8 @@ from treg.runs import fmt, markdown, write_text
 
 ARG_SETTINGS = ("task_config", "model", "prompt", "null_prompt", "seed", "img_path")  # CLI args that are settings
 TASK_SETTINGS = ("image_size", "noise_scale")  # resolved task fields that are settings
-METRIC_ORDER = ("residual", "noise_floor", "psnr", "ssim", "clip", "fid", "kid", "wall_seconds", "nfe", "peak_memory_mb", "images")
+METRIC_ORDER = ("residual", "noise_floor", "psnr", "ssim", "clip", "fid", "kid", "wall_seconds", "nfe",
+                "peak_memory_mb", "images")
 SHORT = {"cfg_guidance": "w", "task_config": "task"}  # names in sheet and plot labels
 THUMB, PAD = 128, 4
 
@@ -43,7 +45,8 @@ def parse_args(argv=None):
     p.add_argument("--metric", help="metric for plot.png (default: psnr if present, else residual)")
     p.add_argument("--x", default="cfg_guidance", help="setting on the plot's x axis (default: %(default)s)")
     p.add_argument("--lines", default="null_lr", help="setting with one plot line per value (default: %(default)s)")
-    p.add_argument("--no_fid", action="store_true", help="skip FID/KID even where pytorch-fid and its weights are present")
+    p.add_argument("--no_fid", action="store_true",
+                   help="skip FID/KID even where pytorch-fid and its weights are present")
     return p.parse_args(argv)
 
 

@@ -42,7 +42,8 @@ def _open(path):
     except Image.DecompressionBombError as err:
         raise ImageError(f"refusing {path}: {err}") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:  # PIL's decoders raise all of these
-        raise ImageError(f"cannot read image {path}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ImageError(f"cannot read image {path}: {reason}") from None
 
 
 def original_size(path):
