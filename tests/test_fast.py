@@ -131,12 +131,13 @@ def fine_schedule(prior, k_start, length):
 def test_c4_cci_converges_to_the_exponential_euler_solution_of_the_same_ode(bed):
     """The same guided ODE by two integrators: CCI and the non-conjugate exponential Euler
     x̄ = x/μ, x̄ += Δρ·ε̂ + w·Δμ·(∂x̂0/∂x)ᵀm that pigdm is with σ_y = 0 (1200 steps): CCI approaches it at first
-    order as its steps grow (measured: 4.9e-3 at 100 steps, 1.5e-3 at 300)."""
+    order as its steps grow (measured: 4.9e-3 at 100 steps, 1.5e-3 at 300). pigdm with C-ΠGDM's weighting w·r²·μ², the
+ODE cci integrates."""
     prior, op, y, uc, c = bed
     fine = fine_schedule(prior, 11320, 20000)
     solve = lambda name, steps, **kw: run(name, fine, op, y, uc, c, w=15.0, steps=steps, k_start=11320,
                                           cfg_guidance=4.0, **kw)
-    reference = solve("pigdm", 1200, sigma_y=0.0)
+    reference = solve("pigdm", 1200, sigma_y=0.0, weighting="cpigdm")
     error = {n: ((solve("cci", n) - reference).norm() / reference.norm()).item() for n in (100, 300)}
     assert error[300] <= 2e-3 and error[100] >= 2 * error[300], error
 
@@ -147,7 +148,7 @@ def test_c5_few_steps_land_in_the_prompted_component_at_the_noise_floor(bed, sig
     solve lands in the measured image's group with residual ≤ 1.5× the noise floor, at least 10 of the 12 in the
     prompted component (posterior weight ≥ 0.9; the reference's prototype saw 12 of 12 on its seeds, here one
     solver seed lands on the other detail at some N), and CCI-5 fits y at least as well as 5 exponential-Euler
-    ΠGDM steps; in the noiseless form (the reference's) and with y's noise modelled."""
+    steps of the same ODE (pigdm with weighting cpigdm); in the noiseless form (the reference's) and with y's noise modelled."""
     prior, op, _, uc, _ = bed
     captions = ["a photo of a cat", "a cup of coffee on a wooden table"]
     residuals, hits = {}, {}
@@ -161,8 +162,9 @@ def test_c5_few_steps_land_in_the_prompted_component_at_the_noise_floor(bed, sig
                 post = exact_posterior(prior, op, y, prompt, 0.01)
                 c = prior.embed([prompt]).double()
                 for method, steps in [("cci", 5), ("cci", 10), ("cci", 20), ("pigdm", 5)]:
+                    same_ode = {"weighting": "cpigdm"} if method == "pigdm" else {}
                     out = run(method, prior, op, y, uc, c, seed=10 + seed, steps=steps, w=15.0, k_start=399,
-                              cfg_guidance=5.0, sigma_y=sigma_y)
+                              cfg_guidance=5.0, sigma_y=sigma_y, **same_ode)
                     k, weight = landed_component(prior, out, post)
                     residual = residual_norm(op, y, out).item() / floor
                     residuals.setdefault((method, steps), []).append(residual)
@@ -218,9 +220,9 @@ def test_noisy_cci_converges_to_noisy_pigdm(bed):
     x = load_image(ROOT / "samples/cat_1.jpg", 64).double()
     y = op.A(x) + 0.2 * torch.randn(op.A(x).shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     fine = fine_schedule(prior, 11320, 20000)
-    solve = lambda name, steps, sigma_y=0.2: run(name, fine, op, y, uc, c, w=15.0, steps=steps, k_start=11320,
-                                                 cfg_guidance=4.0, sigma_y=sigma_y)
-    reference = solve("pigdm", 1200)
+    solve = lambda name, steps, sigma_y=0.2, **kw: run(name, fine, op, y, uc, c, w=15.0, steps=steps,
+                                                       k_start=11320, cfg_guidance=4.0, sigma_y=sigma_y, **kw)
+    reference = solve("pigdm", 1200, weighting="cpigdm")
     error = lambda out: ((out - reference).norm() / reference.norm()).item()
     noisy, noiseless = error(solve("cci", 300)), error(solve("cci", 300, 0.0))
     assert noisy <= 2e-3 and noiseless >= 4 * noisy, (noisy, noiseless)
@@ -268,6 +270,48 @@ def test_pigdm_guidance_is_the_gradient_of_the_gaussian_log_likelihood():
         d = torch.randn(x.shape, generator=g, dtype=torch.float64)
         fd = (loglik(x + 1e-5 * d) - loglik(x - 1e-5 * d)) / 2e-5
         assert abs((guidance * d).sum().item() - fd.item()) <= 1e-6 * abs(fd.item()) + 1e-8
+
+
+def dense_matrix(op, shape):
+    """The (m, n) matrix of `op` on images shaped `shape` (C, H, W), float64, column by column."""
+    n = math.prod(shape)
+    return op.A(torch.eye(n, dtype=torch.float64).view(n, *shape)).flatten(1).T
+
+
+@pytest.mark.parametrize("weighting", ["pigdm", "cpigdm"])
+def test_pigdm_replays_the_papers_step_with_a_dense_operator(weighting):
+    """pigdm against a replay with dense H, torch.linalg.pinv(H) for the start and a dense (HHᵀ + cI)⁻¹: the weight
+    of G over a step is ∫½w·e^{±b/2} db by quadrature (w_t = w·r² of the CCI repo's PGDMSampler, pgdm.py:128-129,
+    or C-ΠGDM's w·r²·μ²), on the analytic pixel prior (16 px, ×4 SR, σ_y = 0.05)."""
+    prior = AnalyticPixelPrior.from_folder()
+    op = build_operator("super_resolution", 16, scale=4).double()
+    H = dense_matrix(op, (3, 16, 16))
+    x_true = load_image(ROOT / "samples/cat_1.jpg", 16).double()
+    y = op.A(x_true) + 0.05 * torch.randn(op.A(x_true).shape, generator=torch.Generator().manual_seed(3),
+                                          dtype=torch.float64)
+    uc, c = prior.embed([NULL_PROMPT, "a photo of a cat"]).double().chunk(2)
+    w, steps, k_start, sigma_y = 6.0, 4, 566, 0.05
+    out = run("pigdm", prior, op, y, uc, c, seed=4, w=w, steps=steps, k_start=k_start, sigma_y=sigma_y,
+              cfg_guidance=2.0, weighting=weighting)
+
+    abar = [prior.alphas_cumprod[k].double().item() for k in start_grid(k_start, steps)] + [1.0]
+    b = [-math.log(a) for a in abar]
+    sign = 1 if weighting == "pigdm" else -1
+    flat_y = y.flatten()
+    noise = randn((1, 3, 16, 16), torch.Generator().manual_seed(4), "cpu").double()
+    x = abar[0] ** 0.5 * (torch.linalg.pinv(H) @ flat_y).view(1, 3, 16, 16) + (1 - abar[0]) ** 0.5 * noise
+    for n, k in enumerate(start_grid(k_start, steps)):
+        mu, sigma = abar[n] ** 0.5, (1 - abar[n]) ** 0.5
+        xg = x.clone().requires_grad_()
+        eps = guided_eps(prior, xg, k, uc, c, 2.0)
+        seen = H @ ((xg - sigma * eps) / mu).flatten()
+        gain = torch.linalg.inv(H @ H.T + (sigma_y / sigma) ** 2 * torch.eye(len(H), dtype=torch.float64))
+        G, = torch.autograd.grad(seen, xg, gain @ (flat_y - seen.detach()))
+        weight = quad(lambda v: 0.5 * w * math.exp(sign * v / 2), b[n + 1], b[n], epsabs=1e-14, epsrel=1e-13)[0]
+        rho = lambda a: ((1 - a) / a) ** 0.5
+        x = abar[n + 1] ** 0.5 * (x / mu + (rho(abar[n + 1]) - rho(abar[n])) * eps.detach() + weight * G)
+    expected = prior.decode(x)
+    assert ((out - expected).norm() / expected.norm()).item() <= 1e-10
 
 
 def test_pigdm_gain_in_closed_form_solves_the_system_and_agrees_with_cg():

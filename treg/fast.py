@@ -274,13 +274,18 @@ def pigdm_guidance(eps_fn, measure, solve, x, y, mu, sigma, sigma_y):
 @dataclasses.dataclass
 class PiGDMConfig:
     """ΠGDM (Song, Vahdat, Mardani, Kautz, ICLR 2023) as the CCI paper's continuous baseline: the ΠGDM-guided
-    probability-flow ODE in x̄ = x/μ, ε̂ integrated exactly, the guidance by Euler (exponential Euler)."""
-    steps: int = bounded(20, 1, 1000)           # NFE (CCI repo's ΠGDM baseline: 20 steps)
-    w: float = bounded(6.0, 0, 100)             # guidance weight, w_t = w·r_t²·μ_t² (CCI repo's ΠGDM baseline: 6)
+    probability-flow ODE in x̄ = x/μ, ε̂ integrated exactly, the guidance by exponential Euler (G frozen over a step,
+    its scalar weight integrated exactly). `weighting` is the guidance weight w_t on ∇log p(y|x):
+    "pigdm" w_t = w·r_t², as the CCI repo's PGDMSampler (c-pigdm diffusion/algos/continuous/ode/pgdm.py:128-129,
+    "Assuming w = rt**2", dx̄ = ½wβ·(1/μ)·G dt); "cpigdm" w_t = w·r_t²·μ_t², C-ΠGDM's convention (cpgdm.py), weaker
+    by ᾱ (5.1× at k 566): the ODE that cci integrates, for comparing the two integrators."""
+    steps: int = bounded(20, 1, 1000)           # NFE (CCI repo baseline_cont_pgdm.sh:17, num_steps 20)
+    w: float = bounded(6.0, 0, 100)             # guidance weight (CCI repo baseline_cont_pgdm.sh:20, w 6)
     k_start: int = bounded(566, 1, 999)         # first timestep: VPSDE t = 0.4 matched by noise level, as CCI
     cfg_guidance: float = bounded(4.0, 0, 100)  # text CFG weight of ε̂ (project default); 0 = without text
     sigma_y: float | None = bounded(None, 0, 10)  # measurement noise std; None = the task's noise_scale
     cg_iters: int = bounded(50, 1, 10000)       # CG iterations for (H Hᵀ + (σ_y/r_t)² I)⁻¹ without an SVD
+    weighting: str = one_of("pigdm", ("pigdm", "cpigdm"))  # w_t = w·r² (ΠGDM) or w·r²·μ² (C-ΠGDM's, cci's ODE)
 
 
 @torch.no_grad()
@@ -306,9 +311,12 @@ def pigdm(prior, op, y, cfg, *, c, uc, generator=None, callback=None):
         eps_fn = lambda x_: guided_eps(prior, x_, k, uc, c, cfg.cfg_guidance)
         eps, guidance = pigdm_guidance(eps_fn, measure, solve, x.to(y.dtype), y, mu, sigma, cfg.sigma_y)
         x0 = (x - sigma * eps) / mu
-        # 3. x̄ = x/μ: x̄ += Δρ·ε̂ + w·Δμ·G (ε̂ exactly, the guidance by Euler), then x = μ'·x̄
+        # 3. x̄ = x/μ: x̄ += Δρ·ε̂ + w·ΔW·G, then x = μ'·x̄. In b = −log ᾱ (db = −β dt backwards) the guidance
+        # term is ½w·e^{b/2}·G db for w_t = w·r² and ½w·e^{−b/2}·G db for w·r²·μ²; ε̂ and G frozen, so
+        # ΔW = 1/μ − 1/μ' (ΠGDM) or μ' − μ (C-ΠGDM's weighting)
         mu_next, sigma_next = levels[n + 1]
-        x_bar = x / mu + (sigma_next / mu_next - sigma / mu) * eps + cfg.w * (mu_next - mu) * guidance
+        weight = 1 / mu - 1 / mu_next if cfg.weighting == "pigdm" else mu_next - mu
+        x_bar = x / mu + (sigma_next / mu_next - sigma / mu) * eps + cfg.w * weight * guidance
         x = mu_next * x_bar
         if callback:
             callback({"i": n, "steps": cfg.steps, "t": k, "z0": x0.to(y.dtype)})
