@@ -177,7 +177,7 @@ def test_c5_few_steps_land_in_the_prompted_component_at_the_noise_floor(bed, sig
     assert mean[("cci", 5)] <= mean[("pigdm", 5)], mean
 
 
-# --- y's noise: the exact N-C-ΠGDM in H's SVD basis -----------------------------------------------------------------
+# --- y's noise: ΠGDM's noisy guidance integrated exactly in H's SVD basis ------------------------------------------
 
 
 def test_noisy_coefficients_match_adaptive_quadrature():
@@ -421,6 +421,29 @@ def test_noiseless_ddrm_returns_an_exact_solution_of_a_x_equals_y(task):
               sigma_y=0.0)
     assert residual_norm(op, y, out).item() <= 1e-10 * y.norm().item()
     assert residual_norm(op, y, prior.decode(torch.zeros_like(out))).item() > 1  # not trivially satisfied
+
+
+def test_noiseless_ddrm_returns_y_bar_on_measured_and_x0_on_unmeasured_coefficients():
+    """σ_y = 0, η_b = 1 (the decision in DDRMConfig's docstring): the last step (σ' = 0) sets the measured spectral
+    coefficients to ȳ = S⁺Uᵀy, with Vȳ = H⁺y from torch.linalg.pinv of the dense H, and keeps the last x̂0's on
+    the unmeasured ones; the official code's strict inequalities would give x̂0's everywhere, which misses y here."""
+    prior = AnalyticPixelPrior.from_folder()
+    op = build_operator("super_resolution", 16, scale=4).double()
+    y = op.A(load_image(ROOT / "samples/rocket.jpg", 16).double())
+    seen = []
+    fn, config = SOLVERS["ddrm"]
+    out = fn(prior, op, y, dataclasses.replace(config(), steps=4, sigma_y=0.0),
+             c=prior.embed(["a rocket launch"]).double(), uc=prior.embed([NULL_PROMPT]).double(),
+             generator=torch.Generator().manual_seed(0), callback=seen.append)
+    d = op.svd(out)
+    measured = d.singulars > 0
+    pinv_y = (torch.linalg.pinv(dense_matrix(op, (3, 16, 16))) @ y.flatten()).view(out.shape)
+    torch.testing.assert_close(d.Vt(out)[measured.expand_as(out)], d.Vt(pinv_y)[measured.expand_as(out)],
+                               rtol=1e-10, atol=1e-10)
+    last_x0 = d.Vt(seen[-1]["z0"].double())
+    torch.testing.assert_close(d.Vt(out)[~measured.expand_as(out)], last_x0[~measured.expand_as(out)],
+                               rtol=1e-10, atol=1e-10)
+    assert residual_norm(op, y, seen[-1]["z0"]).item() > 1e3 * residual_norm(op, y, out).item()
 
 
 def test_ddrm_refuses_motion_blur_and_stable_diffusion(bed, tiny_prior):

@@ -5,8 +5,9 @@ They need the measurement as a linear operator H on the diffusion variable (treg
 a pixel prior, M = A∘decode on the analytic prior; on Stable Diffusion ΠGDM differentiates through the decoder,
 CCI uses an experimental latent surrogate, and DDRM refuses. All three integrate from diffusion level ᾱ_k to the
 clean level ᾱ = 1, so the last step returns a sample, not a Tweedie estimate. All three model y's noise σ_y (the
-task's noise_scale unless the YAML sets it): ΠGDM and DDRM as their papers do, CCI exactly in H's SVD basis where H
-has one (`cci_basis`), else in its noiseless form. Notation: b = −log ᾱ, μ = √ᾱ = e^{−b/2},
+task's noise_scale unless the YAML sets it): ΠGDM and DDRM as their papers do, CCI by integrating ΠGDM's noisy
+guidance exactly in H's SVD basis where H has one (`cci_basis`; not the official N-C-ΠGDM), else in its noiseless
+form. Notation: b = −log ᾱ, μ = √ᾱ = e^{−b/2},
 σ = √(1−ᾱ), ρ = σ/μ; x̂0 = (x − σε̂)/μ.
 
     CCI    Pandey, Yang, Mandt, "Fast Samplers for Inverse Problems in Iterative Refinement Models", NeurIPS 2024
@@ -77,7 +78,8 @@ def with_noise(cfg, noise_scale):
 @dataclasses.dataclass
 class CCIConfig:
     """C-ΠGDM (Pandey, Yang, Mandt, NeurIPS 2024): split update with closed-form coefficients; with σ_y > 0 and an
-    SVD of H, ΠGDM's noisy guidance integrated exactly per singular value (see `cci_basis`)."""
+    SVD of H, ΠGDM's noisy guidance integrated exactly per singular value (see `cci_basis`: it converges to ΠGDM's
+    noisy ODE, which the official N-C-ΠGDM does not)."""
     steps: int = bounded(5, 1, 1000)            # conditional steps = NFE (official demo: 5)
     w: float = bounded(15.0, 0, 100)            # ΠGDM guidance weight inside the projector Φ (official demo: 15)
     k_start: int = bounded(566, 1, 999)         # first timestep: VPSDE t = 0.4 matched by noise level (ᾱ = 0.196)
@@ -109,9 +111,12 @@ class CCIBasis:
 
 def cci_basis(prior, op, h, like, y, sigma_y, generator):
     """Noiseless (σ_y = 0, or no SVD of H): the two parts x − Px and Px of the official split form, r = (0, ∞).
-    Noisy with an SVD H = U S Vᵀ: ΠGDM's Hᵀ(HHᵀ + σ_y²/σ² I)⁻¹ is V diag(π) S⁺Uᵀ with π = rσ²/(rσ² + 1), so the
-    guided ODE is diagonal in x̄ = Vᵀx and its linear part is integrated exactly per singular value: the exact
-    form of N-C-ΠGDM (the official code keeps only the first order in σ_y², with (HᵀH)⁺ = V S⁻² Vᵀ)."""
+    Noisy with an SVD H = U S Vᵀ: ΠGDM's Hᵀ(HHᵀ + σ_y²/σ² I)⁻¹ is V diag(π) S⁺Uᵀ with π = rσ²/(rσ² + 1), so
+    ΠGDM's noisy guided ODE is diagonal in x̄ = Vᵀx and its linear part is integrated exactly per singular value;
+    as the steps grow this converges to ΠGDM's noisy ODE (tests: test_noisy_cci_converges_to_noisy_pigdm). It is
+    not the official N-C-ΠGDM (c-pigdm cpgdm.py:243-534), which integrates a different ODE, first order in σ_y²
+    (with (HᵀH)⁺ = V S⁻² Vᵀ): its correction shrinks like σ_y² where ΠGDM's noise effect shrinks like σ_y, so it
+    does not converge to ΠGDM's noisy ODE. This form is the better founded of the two."""
     spectral = None
     if sigma_y > 0 and not isinstance(h, LatentSurrogate):
         try:
@@ -344,7 +349,11 @@ def pigdm(prior, op, y, cfg, *, c, uc, generator=None, callback=None):
 @dataclasses.dataclass
 class DDRMConfig:
     """DDRM (Kawar, Elad, Ermon, Song, NeurIPS 2022): DDIM in the spectral basis of H = U S Vᵀ, each coefficient
-    treated by whether it is unmeasured, or measured with less or more noise than the current level."""
+    treated by whether it is unmeasured, or measured with less or more noise than the current level. The boundary
+    s·σ' = σ_y goes to the anchored case, as in the paper's eq. 4 (σ_t s_i ≥ σ_y); the official code's strict
+    inequalities (ddrm functions/denoising.py:74-75) send it to the unmeasured case instead. That differs only at
+    σ_y = 0 on the last step (σ' = 0): there this returns ȳ = S⁺Uᵀy on the measured coefficients (η_b = 1: A x = y
+    exactly), the official code x̂0's (the Tweedie estimate, off y by the model's error)."""
     steps: int = bounded(20, 1, 1000)           # DDRM paper (20 steps, the NFE of its main results)
     eta: float = bounded(0.85, 0, 1)            # η: DDRM paper
     eta_b: float = bounded(1.0, 0, 1)           # η_b: DDRM paper
