@@ -14,7 +14,7 @@ from scipy.integrate import quad
 from treg.analytic import AnalyticPrior, load_image
 from treg.config import ConfigError, load_solver
 from treg.diffusion import cfg as guided_eps, ddim_step, randn, tweedie
-from treg.fast import cci_coefficients, cci_table, gain_solver, pigdm_guidance, start_grid
+from treg.fast import cci_basis, cci_coefficients, cci_table, gain_solver, pigdm_guidance, start_grid
 from treg.latent_ops import latent_operator, projector
 from treg.operators import build_operator
 from treg.pixel import AnalyticPixelPrior
@@ -226,6 +226,44 @@ def test_noisy_cci_converges_to_noisy_pigdm(bed):
     error = lambda out: ((out - reference).norm() / reference.norm()).item()
     noisy, noiseless = error(solve("cci", 300)), error(solve("cci", 300, 0.0))
     assert noisy <= 2e-3 and noiseless >= 4 * noisy, (noisy, noiseless)
+
+
+@pytest.mark.parametrize("analytic", [False, True])
+def test_cci_basis_is_the_dense_svd_pinv_and_noisy_gain(analytic):
+    """cci_basis against the dense H (16 px ×4 SR on the analytic pixel prior; M = A∘decode at 32 px on the analytic
+    prior): with σ_y > 0, r = s²/σ_y² per part holds H's singular values (torch.linalg.svdvals), V·y_part = H⁺y
+    (torch.linalg.pinv), and V diag(π) Vᵀv = Hᵀ(HHᵀ + σ_y²/σ² I)⁻¹H v; with σ_y = 0, the split's parts are
+    (I − P)x and Px of the dense projector and y_part's sum is H⁺y."""
+    size = 32 if analytic else 16
+    op = build_operator("super_resolution", size, scale=4).double()
+    prior = AnalyticPrior.from_folder() if analytic else AnalyticPixelPrior.from_folder()
+    shape = (4, 4, 4) if analytic else (3, 16, 16)
+    like = torch.zeros(1, *shape, dtype=torch.float64)
+    h = latent_operator(prior, op, like)
+    H = dense_matrix(h, shape)
+    g = torch.Generator().manual_seed(5)
+    y = op.A(torch.randn(1, 3, size, size, generator=g, dtype=torch.float64))
+    pinv_y = (torch.linalg.pinv(H) @ y.flatten()).view(like.shape)
+    v = torch.randn(like.shape, generator=g, dtype=torch.float64)
+    sigma_y, sigma = 0.05, 0.4
+    basis = cci_basis(prior, op, h, like, y, sigma_y, None)
+    r = torch.broadcast_to(basis.r, basis.split(v).shape).flatten().sort(descending=True).values
+    singular = torch.linalg.svdvals(H)
+    torch.testing.assert_close(r[:len(singular)] * sigma_y ** 2, singular ** 2, rtol=1e-9, atol=1e-12)
+    assert (r[len(singular):] == 0).all()  # the unmeasured parts
+    torch.testing.assert_close(basis.join(basis.y_part), pinv_y, rtol=1e-9, atol=1e-12)
+    c = sigma_y ** 2 / sigma ** 2
+    pi = basis.r * sigma ** 2 / (basis.r * sigma ** 2 + 1)
+    expected = H.T @ torch.linalg.solve(H @ H.T + c * torch.eye(len(H), dtype=torch.float64), H @ v.flatten())
+    torch.testing.assert_close(basis.join(pi * basis.split(v)).flatten(), expected, rtol=1e-9, atol=1e-12)
+
+    noiseless = cci_basis(prior, op, h, like, y, 0.0, None)
+    P = torch.linalg.pinv(H) @ H
+    parts = noiseless.split(v).flatten(1)
+    torch.testing.assert_close(parts[1], P @ v.flatten(), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(parts[0], v.flatten() - P @ v.flatten(), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(noiseless.join(noiseless.y_part), pinv_y, rtol=1e-9, atol=1e-12)
+    assert noiseless.r.flatten().tolist() == [0.0, math.inf]
 
 
 def test_cci_says_when_it_cannot_model_the_noise(bed):
@@ -444,6 +482,56 @@ def test_noiseless_ddrm_returns_y_bar_on_measured_and_x0_on_unmeasured_coefficie
     torch.testing.assert_close(d.Vt(out)[~measured.expand_as(out)], last_x0[~measured.expand_as(out)],
                                rtol=1e-10, atol=1e-10)
     assert residual_norm(op, y, seen[-1]["z0"]).item() > 1e3 * residual_norm(op, y, out).item()
+
+
+@pytest.mark.parametrize("sigma_y, eta, eta_b", [(0.05, 0.7, 0.6), (0.0, 0.85, 1.0), (0.2, 0.3, 0.9)])
+def test_ddrm_replays_the_official_update_per_step(sigma_y, eta, eta_b):
+    """ddrm against the official update written out per coefficient (ddrm functions/denoising.py:58-104, with the
+    paper's ≥ at the anchored boundary; see DDRMConfig): the uniform grid, x̂0, σ' = √(1−ᾱ')/√ᾱ', DDIM with η on
+    unmeasured coefficients, the pull (Uᵀy − s·x̄0)/σ_y when s·σ' < σ_y, η_b·ȳ + (1−η_b)·x̄0 with noise
+    √(σ'² − η_b²σ_y²/s²) otherwise; on the Gaussian blur (16 px, truncated s = 0 as unmeasured) and the analytic
+    pixel prior, with the same draws. Every case must occur, and ȳ = S⁺Uᵀy must be H⁺y of the dense H."""
+    prior = AnalyticPixelPrior.from_folder()
+    op = build_operator("blur", 16, kernel="gaussian", kernel_size=5, std=1.0).double()
+    x_true = load_image(ROOT / "samples/cat_1.jpg", 16).double()
+    y = op.A(x_true) + sigma_y * torch.randn(x_true.shape, generator=torch.Generator().manual_seed(2),
+                                             dtype=torch.float64)
+    uc, c = prior.embed([NULL_PROMPT, "a photo of a cat"]).double().chunk(2)
+    steps = 5
+    out = run("ddrm", prior, op, y, uc, c, seed=7, steps=steps, eta=eta, eta_b=eta_b, sigma_y=sigma_y,
+              cfg_guidance=2.0)
+
+    d = op.svd(y)
+    s = d.singulars.expand(y.shape)
+    on = s > 0
+    y_bar = torch.zeros_like(y)
+    y_bar[on] = d.Ut(y)[on] / s[on]
+    dense_pinv = (torch.linalg.pinv(dense_matrix(op, (3, 16, 16)), rtol=3e-2) @ y.flatten()).view(y.shape)
+    torch.testing.assert_close(d.V(y_bar), dense_pinv, rtol=1e-9, atol=1e-9)
+    abar = lambda k: prior.alphas_cumprod[k].double().item() if k >= 0 else 1.0
+    generator = torch.Generator().manual_seed(7)
+    x = randn(y.shape, generator, "cpu").double()  # float32 draws, as every solver's
+    seq = list(range(0, 1000, 1000 // steps))
+    cases = {"unmeasured": 0, "pulled": 0, "anchored": 0}
+    for i, j in zip(reversed(seq), reversed([-1] + seq[:-1])):
+        at, at_next = abar(i), abar(j)
+        et = guided_eps(prior, x, i, uc, c, 2.0)
+        x0 = (x - et * (1 - at) ** 0.5) / at ** 0.5
+        sigma_next = ((1 - at_next) / at_next) ** 0.5
+        v_x0, v_et = d.Vt(x0), d.Vt(et)
+        noise = randn(y.shape, generator, "cpu").double()
+        pulled = on & (s * sigma_next < sigma_y)
+        anchored = on & ~pulled
+        nxt = v_x0 + (1 - eta ** 2) ** 0.5 * sigma_next * v_et + eta * sigma_next * noise  # unmeasured
+        nxt[pulled] = (v_x0 + (1 - eta ** 2) ** 0.5 * sigma_next * (d.Ut(y) - s * v_x0) / sigma_y
+                       + eta * sigma_next * noise)[pulled] if sigma_y > 0 else nxt[pulled]
+        spread = (sigma_next ** 2 - sigma_y ** 2 / s[anchored] ** 2 * eta_b ** 2).clamp(min=0) ** 0.5
+        nxt[anchored] = eta_b * y_bar[anchored] + (1 - eta_b) * v_x0[anchored] + spread * noise[anchored]
+        for key, mask in (("unmeasured", ~on), ("pulled", pulled), ("anchored", anchored)):
+            cases[key] += int(mask.sum())
+        x = at_next ** 0.5 * d.V(nxt)
+    assert all(cases.values()) or (sigma_y == 0 and cases["pulled"] == 0), cases
+    assert ((out - x).norm() / x.norm()).item() <= 1e-12
 
 
 def test_ddrm_refuses_motion_blur_and_stable_diffusion(bed, tiny_prior):
