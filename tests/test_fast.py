@@ -14,7 +14,8 @@ from scipy.integrate import quad
 from treg.analytic import AnalyticPrior, load_image
 from treg.config import ConfigError, load_solver
 from treg.diffusion import cfg as guided_eps, ddim_step, randn, tweedie
-from treg.fast import cci_basis, cci_coefficients, cci_table, gain_solver, pigdm_guidance, start_grid
+from treg.fast import (cci_basis, cci_coefficients, cci_table, gain_solver, pigdm_guidance, start_grid,
+                       with_noise)
 from treg.latent_ops import latent_operator, projector
 from treg.operators import build_operator
 from treg.pixel import AnalyticPixelPrior
@@ -65,6 +66,12 @@ def test_c1_closed_form_coefficients_match_quadrature_of_the_official_integrands
             # b = u² removes the 1/√b singularity of the σ⁻¹ integrands at 0
             value = quad(lambda u: 2 * u * f(u * u), 0, b ** 0.5, epsabs=1e-13, epsrel=1e-13, limit=200)[0]
             assert abs(phi[key] - value) <= 1e-9, (key, b, phi[key], value)
+
+
+def test_start_grid_is_uniform_in_k_from_k_start_down():
+    """k_n = round(k_start·(1 − n/N)), n < N, written out: 566 → 566, 452.8, 339.6, 226.4, 113.2 for N = 5."""
+    assert start_grid(566, 5) == [566, 453, 340, 226, 113]
+    assert start_grid(999, 1) == [999] and start_grid(3, 3) == [3, 2, 1]
 
 
 def test_c2_with_w_zero_cci_is_ddim_from_the_same_start(bed):
@@ -267,7 +274,8 @@ def test_cci_basis_is_the_dense_svd_pinv_and_noisy_gain(analytic):
 
 
 def test_cci_says_when_it_cannot_model_the_noise(bed):
-    """Motion blur has no SVD: with σ_y > 0 cci warns once and runs the noiseless form; with an SVD it is silent."""
+    """Motion blur has no SVD: with σ_y > 0 cci warns once and runs the noiseless form, and warns that its CG pinv
+    makes P = H⁺H inexact; with an SVD it is silent."""
     prior = AnalyticPixelPrior.from_folder()
     uc, c = prior.embed([NULL_PROMPT, "a photo of a cat"]).chunk(2)
     x = load_image(ROOT / "samples/cat_1.jpg", 32)
@@ -277,8 +285,12 @@ def test_cci_says_when_it_cannot_model_the_noise(bed):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             out = run("cci", prior, op, op.A(x), uc, c, sigma_y=0.01, steps=2)
-        messages = [str(w.message) for w in caught if "noise" in str(w.message)]
-        assert torch.isfinite(out).all() and (messages == [] if expected is None else expected in messages[0])
+        messages = [str(w.message) for w in caught if str(w.message).startswith("cci:")]
+        assert torch.isfinite(out).all()
+        if expected is None:
+            assert messages == []
+        else:
+            assert len(messages) == 2 and expected in messages[1] and "not an exact projector" in messages[0]
 
 
 # --- ΠGDM and DDRM -------------------------------------------------------------------------------------------------
@@ -534,6 +546,17 @@ def test_ddrm_replays_the_official_update_per_step(sigma_y, eta, eta_b):
     assert ((out - x).norm() / x.norm()).item() <= 1e-12
 
 
+@pytest.mark.parametrize("name", FAST)
+def test_fast_solvers_refuse_an_unset_sigma_y(name):
+    """σ_y = None (the YAML's null) must have been replaced by the task's noise_scale (solve.py's with_noise)."""
+    prior = AnalyticPixelPrior.from_folder()
+    op = build_operator("super_resolution", 16, scale=4)
+    fn, config = SOLVERS[name]
+    with pytest.raises(ConfigError, match=f"^{name}: sigma_y is not set"):
+        fn(prior, op, op.A(torch.zeros(1, 3, 16, 16)), config(), c=prior.embed(["a cat"]), uc=prior.embed([""]))
+    assert with_noise(config(), 0.3).sigma_y == 0.3 and with_noise(config(sigma_y=0.0), 0.3).sigma_y == 0.0
+
+
 def test_ddrm_refuses_motion_blur_and_stable_diffusion(bed, tiny_prior):
     prior, _, _, uc, c = bed
     motion = build_operator("blur", 64, kernel="motion", kernel_size=9, intensity=0.5, seed=0)
@@ -545,6 +568,22 @@ def test_ddrm_refuses_motion_blur_and_stable_diffusion(bed, tiny_prior):
     with pytest.raises(ConfigError, match="linear map"):
         run("ddrm", tiny_prior, sr, sr.A(torch.zeros(1, 3, 64, 64)),
             *tiny_prior.embed([NULL_PROMPT, "a cat"]).chunk(2), sigma_y=0.01)
+
+
+def test_cci_on_stable_diffusion_ends_with_treg_pixel_prox(tiny_prior):
+    """The experimental latent surrogate (×8 SR: latent average pooling) and the final pixel prox: the output with
+    cg_iters = 5 is treg.linalg.prox (λ = cg_lamb) of the output with cg_iters = 0, same seed; and ΠGDM through the
+    decoder, with its gain in pixel space, runs to a finite image."""
+    from treg.linalg import prox
+    op = build_operator("super_resolution", 64, scale=8)
+    y = op.A(load_image(ROOT / "samples/cat_1.jpg", 64))
+    uc, c = tiny_prior.embed([NULL_PROMPT, "a photo of a cat"]).chunk(2)
+    solve = lambda name, **kw: run(name, tiny_prior, op, y, uc, c, steps=2, **kw)
+    unproxed, proxed = solve("cci", cg_iters=0), solve("cci", cg_iters=5, cg_lamb=0.5)
+    expected = prox(op, unproxed, y, 0.5, 5)
+    assert ((proxed - expected).norm() / expected.norm()).item() <= 1e-5
+    assert residual_norm(op, y, proxed) < residual_norm(op, y, unproxed)
+    assert torch.isfinite(solve("pigdm", sigma_y=0.01)).all()
 
 
 # --- configs, priors --------------------------------------------------------------------------------------------
