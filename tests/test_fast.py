@@ -155,7 +155,8 @@ def test_c5_few_steps_land_in_the_prompted_component_at_the_noise_floor(bed, sig
     solve lands in the measured image's group with residual ≤ 1.5× the noise floor, at least 10 of the 12 in the
     prompted component (posterior weight ≥ 0.9; the reference's prototype saw 12 of 12 on its seeds, here one
     solver seed lands on the other detail at some N), and CCI-5 fits y at least as well as 5 exponential-Euler
-    steps of the same ODE (pigdm with weighting cpigdm); in the noiseless form (the reference's) and with y's noise modelled."""
+    steps of the same ODE (pigdm with weighting cpigdm); in the noiseless form (the reference's) and with y's noise
+    modelled."""
     prior, op, _, uc, _ = bed
     captions = ["a photo of a cat", "a cup of coffee on a wooden table"]
     residuals, hits = {}, {}
@@ -374,9 +375,10 @@ GAIN_BEDS = {
 
 @pytest.mark.parametrize("key", GAIN_BEDS)
 def test_pigdm_gain_is_the_exact_inverse_on_range_h(key):
-    """Hᵀ·gain(r, c) = Hᵀ(HHᵀ + cI)⁻¹r with a dense inverse (16 px; the analytic prior's M at 32 px), at c = (σ_y/σ)² for σ_y = 0.01 and σ = 0.9 (the
-    start), 0.3, 0.1, where dropping the blur's truncated directions was 36–97% off; with c = 0, the operators'
-    truncated pseudo-inverse H⁺ (Hᵀ(HHᵀ)⁺ = H⁺ on the kept spectrum)."""
+    """Hᵀ·gain(r, c) = Hᵀ(HHᵀ + cI)⁻¹r with a dense inverse (16 px; the analytic prior's M at 32 px), at
+    c = (σ_y/σ)² for σ_y = 0.01 and σ = 0.9 (the start), 0.3, 0.1, where dropping the blur's truncated directions was
+    36–97% off for white-noise r; with c = 0, the operators' truncated pseudo-inverse H⁺ (Hᵀ(HHᵀ)⁺ = H⁺ on the kept
+    spectrum)."""
     name, params, analytic = GAIN_BEDS[key]
     op = build_operator(name, 32 if analytic else 16, **params).double()
     if analytic:
