@@ -342,8 +342,11 @@ def test_pigdm_replays_the_papers_step_with_a_dense_operator(weighting):
                                           dtype=torch.float64)
     uc, c = prior.embed([NULL_PROMPT, "a photo of a cat"]).double().chunk(2)
     w, steps, k_start, sigma_y = 6.0, 4, 566, 0.05
-    out = run("pigdm", prior, op, y, uc, c, seed=4, w=w, steps=steps, k_start=k_start, sigma_y=sigma_y,
-              cfg_guidance=2.0, weighting=weighting)
+    events = []
+    fn, config = SOLVERS["pigdm"]
+    cfg = dataclasses.replace(config(), w=w, steps=steps, k_start=k_start, sigma_y=sigma_y, cfg_guidance=2.0,
+                              weighting=weighting)
+    out = fn(prior, op, y, cfg, c=c, uc=uc, generator=torch.Generator().manual_seed(4), callback=events.append)
 
     abar = [prior.alphas_cumprod[k].double().item() for k in start_grid(k_start, steps)] + [1.0]
     b = [-math.log(a) for a in abar]
@@ -358,6 +361,9 @@ def test_pigdm_replays_the_papers_step_with_a_dense_operator(weighting):
         seen = H @ ((xg - sigma * eps) / mu).flatten()
         gain = torch.linalg.inv(H @ H.T + (sigma_y / sigma) ** 2 * torch.eye(len(H), dtype=torch.float64))
         G, = torch.autograd.grad(seen, xg, gain @ (flat_y - seen.detach()))
+        event = events[n]
+        assert (event["i"], event["steps"], event["t"]) == (n, steps, k)
+        torch.testing.assert_close(event["z0"], (x - sigma * eps.detach()) / mu, rtol=1e-10, atol=1e-10)
         weight = quad(lambda v: 0.5 * w * math.exp(sign * v / 2), b[n + 1], b[n], epsabs=1e-14, epsrel=1e-13)[0]
         rho = lambda a: ((1 - a) / a) ** 0.5
         x = abar[n + 1] ** 0.5 * (x / mu + (rho(abar[n + 1]) - rho(abar[n])) * eps.detach() + weight * G)
