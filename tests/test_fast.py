@@ -498,6 +498,7 @@ def test_noiseless_ddrm_returns_y_bar_on_measured_and_x0_on_unmeasured_coefficie
     pinv_y = (torch.linalg.pinv(dense_matrix(op, (3, 16, 16))) @ y.flatten()).view(out.shape)
     torch.testing.assert_close(d.Vt(out)[measured.expand_as(out)], d.Vt(pinv_y)[measured.expand_as(out)],
                                rtol=1e-10, atol=1e-10)
+    assert [(e["i"], e["steps"], e["t"]) for e in seen] == [(0, 4, 750), (1, 4, 500), (2, 4, 250), (3, 4, 0)]
     last_x0 = d.Vt(seen[-1]["z0"].double())
     torch.testing.assert_close(d.Vt(out)[~measured.expand_as(out)], last_x0[~measured.expand_as(out)],
                                rtol=1e-10, atol=1e-10)
