@@ -70,10 +70,16 @@ def test_callback_reports_each_step_its_timestep_and_x0(name, bed):
 class WithoutAdjoint:
     """The analytic prior with decode_adjoint hidden, so that latent_operator treats it as Stable Diffusion (no H on
     the latent): pigdm differentiates through decode with its gain in pixel space, ddrm refuses. Its decode is
-    still linear (D = g·U per patch), so dense matrices give the reference."""
+    still linear (D = g·U per patch), so dense matrices give the reference. Its encode is a posterior sample, as
+    the VAE's: D⁺x + 0.01·n with n from the given generator, so a solver that does not pass its generator on
+    cannot reproduce a seed."""
 
     def __init__(self, prior):
         self._prior = prior
+
+    def encode(self, x, generator=None):
+        z = self._prior.encode(x)
+        return z + 0.01 * randn(z.shape, generator, z.device).to(z)
 
     def __getattr__(self, name):
         if name == "decode_adjoint":
@@ -94,8 +100,8 @@ def decoded_bed():
 
 
 def test_pigdm_through_the_decoder_replays_the_step_with_a_dense_decoder_and_pixel_gain(decoded_bed):
-    """Without an H on the latent (Stable Diffusion's case): the start μ₀·D⁺A⁺y + σ₀·n (encode(A⁺y), here the dense
-    pinv of the decoder's matrix D), the guidance (∂x̂0/∂x)ᵀ Mᵀ (AAᵀ + cI)⁻¹(y − M x̂0) with M = A·D and the gain of
+    """Without an H on the latent (Stable Diffusion's case): the start μ₀·encode(A⁺y) + σ₀·n (encode = the dense
+    pinv of the decoder's matrix D plus its draw from the solver's generator), the guidance (∂x̂0/∂x)ᵀ Mᵀ (AAᵀ + cI)⁻¹(y − M x̂0) with M = A·D and the gain of
     the PIXEL operator (dense AAᵀ), c = (σ_y/σ)², and ΠGDM's weight ∫½w·e^{b/2} db by quadrature."""
     from scipy.integrate import quad
     from treg.fast import start_grid
@@ -111,8 +117,11 @@ def test_pigdm_through_the_decoder_replays_the_step_with_a_dense_decoder_and_pix
     ks = start_grid(k_start, steps)
     abar = [prior.alphas_cumprod[k].double().item() for k in ks] + [1.0]
     b = [-math.log(a) for a in abar]
-    noise = randn((1, 4, 4, 4), torch.Generator().manual_seed(4), "cpu").double()
-    x = abar[0] ** 0.5 * (torch.linalg.pinv(D) @ pinv_a_y.flatten()).view(1, 4, 4, 4) + (1 - abar[0]) ** 0.5 * noise
+    generator = torch.Generator().manual_seed(4)
+    encoded = (torch.linalg.pinv(D) @ pinv_a_y.flatten()).view(1, 4, 4, 4) + 0.01 * randn((1, 4, 4, 4), generator,
+                                                                                          "cpu").double()
+    noise = randn((1, 4, 4, 4), generator, "cpu").double()  # drawn after encode's
+    x = abar[0] ** 0.5 * encoded + (1 - abar[0]) ** 0.5 * noise
     for n, k in enumerate(ks):
         mu, sigma = abar[n] ** 0.5, (1 - abar[n]) ** 0.5
         xg = x.clone().requires_grad_()
@@ -184,7 +193,7 @@ def test_cci_starts_from_the_inverted_start_when_asked(bed):
 def test_cci_without_latent_h_takes_the_surrogate_and_ends_with_the_pixel_prox(decoded_bed):
     """A prior without an H on the latent (Stable Diffusion's case; here the analytic prior with decode_adjoint
     hidden): ×16 SR becomes the latent surrogate (avg-pooling by 2, so the start is P·encode(A⁺y)), y's noise is not
-    modelled (one warning, its whole text), and the output with cg_iters = 5, λ = 0.5 is treg.linalg.prox of the
+    modelled (one warning, its whole text), and the output with cg_iters = 5, λ = 1e-3 is treg.linalg.prox of the
     output with cg_iters = 0 for the same seed: argmin ‖Ax − y‖² + λ‖x − x₀‖² by a dense solve."""
     import warnings
     prior, op, y, uc, c = decoded_bed
@@ -196,15 +205,15 @@ def test_cci_without_latent_h_takes_the_surrogate_and_ends_with_the_pixel_prox(d
         unproxed = run(sigma_y=0.05, cg_iters=0)
     assert [str(w.message) for w in caught] == [
         "cci: the Stable Diffusion surrogate has no SVD, so y's noise is not modelled (noiseless C-ΠGDM)"]
-    proxed = run(sigma_y=0.0, cg_iters=5, cg_lamb=0.5)
+    proxed = run(sigma_y=0.0, cg_iters=5, cg_lamb=1e-3)
     x0 = run(sigma_y=0.0, cg_iters=0)
     torch.testing.assert_close(x0, unproxed, rtol=1e-12, atol=1e-12)  # the noiseless form either way
     A = dense_matrix(op, (3, 32, 32))
-    expected = torch.linalg.solve(A.T @ A + 0.5 * torch.eye(A.shape[1], dtype=torch.float64),
-                                  A.T @ y.flatten() + 0.5 * x0.flatten())
-    # 5 CG iterations on a system whose eigenvalues take two values (0.5 and 0.5 + 1/256): exact in 2
+    expected = torch.linalg.solve(A.T @ A + 1e-3 * torch.eye(A.shape[1], dtype=torch.float64),
+                                  A.T @ y.flatten() + 1e-3 * x0.flatten())
+    # 5 CG iterations on a system whose eigenvalues take two values (λ and λ + 1/256): exact in 2
     assert (proxed.flatten() - expected).norm() <= 1e-8 * expected.norm()
-    assert (proxed - x0).norm() > 1e-3 * x0.norm()  # the prox moved it
+    assert (op.A(proxed) - y).norm() < 0.9 * (op.A(x0) - y).norm()  # the prox moved it towards y
 
 
 def test_cci_warns_in_full_when_the_projector_is_inexact_and_the_noise_unmodelled(bed):
@@ -224,3 +233,37 @@ def test_cci_warns_in_full_when_the_projector_is_inexact_and_the_noise_unmodelle
             warnings.simplefilter("always")
             fn(prior, op, op.A(x), config(sigma_y=0.01, steps=1), c=c, uc=uc, generator=torch.Generator())
         assert [str(w.message) for w in caught] == expected
+
+
+def test_pigdm_without_svd_replays_the_step_with_a_dense_gain():
+    """Motion blur (no SVD): the gain (HHᵀ + cI)⁻¹ by cfg.cg_iters of CG against a dense inverse, the start with
+    H⁺y by the operator's own CG pinv (its tolerance, not a dense pinv), 2 steps of ΠGDM's update written out."""
+    from scipy.integrate import quad
+    from treg.fast import start_grid
+    prior = AnalyticPixelPrior.from_folder()
+    op = build_operator("blur", 16, kernel="motion", kernel_size=5, intensity=0.5, seed=0).double()
+    H = dense_matrix(op, (3, 16, 16))
+    x_true = load_image(ROOT / "samples/cat_1.jpg", 16).double()
+    y = op.A(x_true) + 0.05 * torch.randn(x_true.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    uc, c = prior.embed([NULL_PROMPT, "a photo of a cat"]).double().chunk(2)
+    w, steps, k_start, sigma_y = 6.0, 2, 566, 0.05
+    fn, config = SOLVERS["pigdm"]
+    cfg = dataclasses.replace(config(), w=w, steps=steps, k_start=k_start, sigma_y=sigma_y, cfg_guidance=2.0,
+                              cg_iters=200)
+    out = fn(prior, op, y, cfg, c=c, uc=uc, generator=torch.Generator().manual_seed(4))
+    ks = start_grid(k_start, steps)
+    abar = [prior.alphas_cumprod[k].double().item() for k in ks] + [1.0]
+    b = [-math.log(a) for a in abar]
+    noise = randn((1, 3, 16, 16), torch.Generator().manual_seed(4), "cpu").double()
+    x = abar[0] ** 0.5 * op.pinv(y) + (1 - abar[0]) ** 0.5 * noise
+    for n, k in enumerate(ks):
+        mu, sigma = abar[n] ** 0.5, (1 - abar[n]) ** 0.5
+        xg = x.clone().requires_grad_()
+        eps = guided_eps(prior, xg, k, uc, c, 2.0)
+        seen = H @ ((xg - sigma * eps) / mu).flatten()
+        gain = torch.linalg.inv(H @ H.T + (sigma_y / sigma) ** 2 * torch.eye(len(H), dtype=torch.float64))
+        G, = torch.autograd.grad(seen, xg, gain @ (y.flatten() - seen.detach()))
+        weight = quad(lambda v: 0.5 * w * math.exp(v / 2), b[n + 1], b[n], epsabs=1e-14, epsrel=1e-13)[0]
+        rho = lambda a: ((1 - a) / a) ** 0.5
+        x = abar[n + 1] ** 0.5 * (x / mu + (rho(abar[n + 1]) - rho(abar[n])) * eps.detach() + weight * G)
+    assert ((out - x).norm() / x.norm()).item() <= 1e-6
