@@ -236,7 +236,8 @@ class Blur(Operator):
             raise ValueError(f"blur kernel must be square with an odd side, got shape {tuple(kernel.shape)}")
         self.register_buffer("kernel", kernel.double())  # float64, so the separable factors match it exactly
         u, s, vh = np.linalg.svd(self.kernel.numpy())
-        self._factors = (u[:, 0] * s[0] ** 0.5, vh[0] * s[0] ** 0.5) if s[1] <= 1e-10 * s[0] else None
+        rank_one = len(s) == 1 or s[1] <= 1e-10 * s[0]  # a 1×1 kernel has one singular value
+        self._factors = (u[:, 0] * s[0] ** 0.5, vh[0] * s[0] ** 0.5) if rank_one else None
         self._spectra, self._svds = {}, {}
 
     def pinv(self, y):
