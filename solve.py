@@ -212,7 +212,7 @@ def run_settings(args, task, solvers, dtype):
     return json.loads(json.dumps(settings))  # as read back from a record (tuples as lists)
 
 
-def claim_workdir(args, settings, paths, methods):
+def claim_workdir(args, settings, methods):
     """ConfigError unless WORKDIR is empty of runs or holds this run's settings only (see the module docstring)."""
     if args.overwrite:
         if args.skip_existing:
@@ -223,7 +223,7 @@ def claim_workdir(args, settings, paths, methods):
     def expected(index):
         return [p.relative_to(args.workdir) for p in output_files(args.workdir, index, name, methods,
                                                                    bool(args.compare)).values()]
-    reason = runs.settings_conflict(args.workdir, settings, expected, range(len(paths)))
+    reason = runs.settings_conflict(args.workdir, settings, expected)
     if reason:
         raise ConfigError(f"--workdir {args.workdir} holds another run: {reason}; add --overwrite to replace it, or "
                           "choose another --workdir to keep it")
@@ -368,7 +368,7 @@ def run(args, state, header):
     dtype = hub.weight_dtype(args.dtype, device)
     methods = [name for name, _, _ in solvers]
     settings = run_settings(args, task, solvers, dtype)
-    claim_workdir(args, settings, paths, methods)
+    claim_workdir(args, settings, methods)
     for note in notes:
         warnings.warn(note)
     if args.compare and state.is_main_process:

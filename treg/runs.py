@@ -101,26 +101,22 @@ def stored_settings(workdir):
     return out + [(str(record_path(".", r["index"])), r.get("settings")) for r in read_records(workdir, warn=False)]
 
 
-def settings_conflict(workdir, settings, expected, indices):
+def settings_conflict(workdir, settings, expected):
     """None if everything solve.py left in `workdir` was made with `settings`, else one line saying what differs.
-    `expected(index)` gives the output files (relative to `workdir`) that those settings write for image `index`; a
-    PNG in an output folder that is none of those of a record's image or of `indices` (the images to solve) belongs
-    to another run."""
+    `expected(index)` gives the output files (relative to `workdir`) that these settings write for image `index`; a
+    PNG of an output folder that is not one of those of the index its name starts with belongs to another run."""
     workdir = Path(workdir)
-    stored = stored_settings(workdir)
-    for where, old in stored:
+    for where, old in stored_settings(workdir):
         if old is None:
             return f"{where} records no settings (written by an older solve.py, or not by solve.py)"
         if old != settings:
             changes = _differences(old, settings)
             return f"its {where} was made with other settings: " + "; ".join(changes[:4]) + (
                 f"; and {len(changes) - 4} more" if len(changes) > 4 else "")
-    allowed = set()
-    for index in {r["index"] for r in read_records(workdir, warn=False)} | set(indices):
-        allowed |= set(expected(index))
     for folder in OUTPUT_FOLDERS:
         for path in sorted((workdir / folder).rglob("[!.]*.png")):
-            if path.relative_to(workdir) not in allowed:
+            index = path.name[:5]
+            if not (index.isdigit() and path.relative_to(workdir) in expected(int(index))):
                 return f"{path.relative_to(workdir)} is no output of these settings (left by another run)"
     return None
 
