@@ -10,10 +10,17 @@ Examples (the official TReg README commands run unchanged; --model picks the pri
 
 Outputs in WORKDIR: {input,label,recon,ypred}/NNNNN-<prompt>.png (recon/ypred get a sub-folder per method with
 --compare, plus a side-by-side grid in compare/), records/NNNNN.json per image, run.json and metrics.csv.
+
+A workdir holds one run. A run into a workdir whose outputs were made with other settings (prompt, null prompt,
+task, solver settings, seed, model, dtype, input images) is refused; --overwrite removes the old run's outputs first,
+and another --workdir keeps both. Metrics, --limit, --batch_size, --device and the process count may differ between
+the runs of one workdir: a rerun adds or replaces images, and --skip_existing skips the images whose record has these
+settings and the same image file (SHA-256).
 """
 import argparse
 import dataclasses
 import errno
+import json
 import math
 import os
 import platform
@@ -28,10 +35,10 @@ import torch
 from tqdm import tqdm
 
 from treg import hub, runs
-from treg.config import ConfigError, load_solver, load_task
+from treg.config import ConfigError, check_value, load_solver, load_task
 from treg.datasets import DATASETS, input_images
 from treg.fast import with_noise
-from treg.images import ImageError, atomic_write, grid, load_image, original_size, save_image, viewable
+from treg.images import ImageError, atomic_write, check_image, grid, load_image, save_image, viewable
 from treg.invert import round_trip_psnr
 from treg.inversion import InversionConfig
 from treg.metrics import build_metrics
@@ -51,6 +58,9 @@ BYTES_PER_PIXEL = 400
 
 
 class Parser(argparse.ArgumentParser):
+    def __init__(self, **kwargs):
+        super().__init__(allow_abbrev=False, **kwargs)  # --cfg must not pass for --cfg_guidance
+
     def error(self, message):
         """One line, as for every other bad input (argparse would print its usage block first)."""
         self.exit(2, f"error: {message} (see --help)\n")
@@ -114,7 +124,10 @@ def parse_args(argv=None):
       "local folder (default: %(default)s)")
     a("--limit", type=int, help="solve only the first N (≥ 1) images of the folder")
     a("--batch_size", type=int, default=1, help="images per solver call (default: %(default)s)")
-    a("--skip_existing", action="store_true", help="skip images already complete in WORKDIR (resume a run)")
+    a("--skip_existing", action="store_true", help="resume a run: skip the images of WORKDIR whose record has "
+      "this run's settings and image file")
+    a("--overwrite", action="store_true", help="remove the run already in WORKDIR (its PNGs, records, run.json, "
+      "metrics.csv, compare.md) before solving; without it, a WORKDIR made with other settings is refused")
     a("--gradient_checkpointing", action="store_true",
       help="checkpoint the UNet and VAE activations: less memory for dps/psld/p2l and --use_DPS, more time")
     return p.parse_args(argv)
@@ -135,12 +148,22 @@ def versions():
             "transformers": transformers.__version__, "numpy": numpy.__version__}
 
 
+def load_with_flags(path, overrides, strict=True):
+    """load_solver(path) with the flags' values on top; a bad value is blamed on its flag, not on the YAML."""
+    _, cfg = load_solver(path, SOLVERS)  # the YAML alone, so that its own errors name the file
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    for key, value in overrides.items():
+        if value is not None and key in fields:
+            check_value(value, fields[key], f"--{key}")
+    return load_solver(path, SOLVERS, overrides, strict=strict)
+
+
 def solver_configs(args):
     """[(method, solver, config)]: the --solver_config alone (method = its solver), or every --compare name's YAML
     beside it (method = the YAML's name, so that cci and cci-noiseless are two methods of one solver)."""
     overrides = {k: getattr(args, k) for k in SOLVER_FLAGS}
     if not args.compare:
-        solver, cfg = load_solver(args.solver_config, SOLVERS, overrides)
+        solver, cfg = load_with_flags(args.solver_config, overrides)
         return [(solver, solver, cfg)]
     names = [n.strip() for n in args.compare.split(",") if n.strip()]
     paths = [n for n in names if Path(n).name != n or n.startswith(".")]
@@ -154,7 +177,7 @@ def solver_configs(args):
                           f"choose from {', '.join(known)}")
     if len(set(names)) < len(names):
         raise ConfigError(f"--compare: a name is given twice in {args.compare!r}")
-    out = [(n, *load_solver(folder / f"{n}.yaml", SOLVERS, overrides, strict=False)) for n in names]
+    out = [(n, *load_with_flags(folder / f"{n}.yaml", overrides, strict=False)) for n in names]
     for key, value in overrides.items():
         if value is not None and not any(hasattr(cfg, key) for _, _, cfg in out):
             raise ConfigError(f"--{key} applies to none of {', '.join(names)}")
@@ -172,6 +195,38 @@ def output_files(workdir, index, name, methods, compare):
     if compare:
         files[("compare", None)] = workdir / "compare" / stem
     return files
+
+
+def run_settings(args, task, solvers, dtype):
+    """What every output of a run depends on, as JSON values: two runs may share a workdir only if these are equal.
+    Left out, as they change no image: metrics, --limit, --batch_size, --device (beyond the dtype), processes."""
+    needs_clip = any(getattr(cfg, "use_AN", False) for _, _, cfg in solvers)
+    if args.use_dataloader:
+        images = {"dataset": args.dataset, "root": str(Path(args.root).resolve()), "target": args.target}
+    else:
+        images = str(args.img_path.resolve())
+    settings = {"prompt": args.prompt, "null_prompt": args.null_prompt, "task": dataclasses.asdict(task),
+                "solvers": {name: {"solver": solver, **dataclasses.asdict(cfg)} for name, solver, cfg in solvers},
+                "seed": args.seed, "model": args.model, "image_encoder": args.image_encoder if needs_clip else None,
+                "dtype": str(dtype).removeprefix("torch."), "images": images}
+    return json.loads(json.dumps(settings))  # as read back from a record (tuples as lists)
+
+
+def claim_workdir(args, settings, methods):
+    """ConfigError unless WORKDIR is empty of runs or holds this run's settings only (see the module docstring)."""
+    if args.overwrite:
+        if args.skip_existing:
+            raise ConfigError("--overwrite removes the run that --skip_existing would resume; give one of them")
+        return
+    name = slug(args.prompt)
+
+    def expected(index):
+        return [p.relative_to(args.workdir) for p in output_files(args.workdir, index, name, methods,
+                                                                   bool(args.compare)).values()]
+    reason = runs.settings_conflict(args.workdir, settings, expected)
+    if reason:
+        raise ConfigError(f"--workdir {args.workdir} holds another run: {reason}; add --overwrite to replace it, or "
+                          "choose another --workdir to keep it")
 
 
 def check_workdir(path):
@@ -277,10 +332,10 @@ def prepare(args, state):
     paths = input_images(args.img_path, args.use_dataloader, args.dataset, args.root, args.target)[: args.limit]
     if args.seed + len(paths) - 1 > SEED_MAX:
         raise ConfigError(f"--seed {args.seed} + image index overflows the 64-bit generator seed")
-    # headers only: a file that is no image, or a decompression bomb, fails here, not at image 700
-    sizes = [original_size(path) for path in paths]
+    # every image decoded (a truncated file, one that is no image, a decompression bomb fail here, not at image 700)
+    checked = [check_image(path, task.image_size) for path in paths]
     load_image(paths[0], task.image_size)
-    return device, task, solvers, op, metric_fns, notes, paths, sizes
+    return device, task, solvers, op, metric_fns, notes, paths, checked
 
 
 def check_prior(prior, task, solvers, args, device):
@@ -309,8 +364,11 @@ def check_prior(prior, task, solvers, args, device):
 
 def run(args, state, header):
     """Solve every image of this process's shard; `header` is filled with the run's settings first."""
-    device, task, solvers, op, metric_fns, notes, paths, sizes = prepare(args, state)
+    device, task, solvers, op, metric_fns, notes, paths, checked = prepare(args, state)
     dtype = hub.weight_dtype(args.dtype, device)
+    methods = [name for name, _, _ in solvers]
+    settings = run_settings(args, task, solvers, dtype)
+    claim_workdir(args, settings, methods)
     for note in notes:
         warnings.warn(note)
     if args.compare and state.is_main_process:
@@ -321,6 +379,12 @@ def run(args, state, header):
     needs_clip = any(getattr(cfg, "use_AN", False) for _, _, cfg in solvers)
     prior = load_prior(args.model, device, dtype, image_encoder=args.image_encoder if needs_clip else None)
     check_prior(prior, task, solvers, args, device)
+    if args.overwrite:  # every check has passed: only now is the old run removed, by one process
+        if state.is_main_process:
+            removed = runs.clear_outputs(args.workdir)
+            if removed:
+                print(f"--overwrite: removed {removed} files of the previous run in {args.workdir}", file=sys.stderr)
+        state.wait_for_everyone()
     if args.gradient_checkpointing and hasattr(prior, "enable_gradient_checkpointing"):
         prior.enable_gradient_checkpointing()
     profiler = Profiler(device)
@@ -329,14 +393,17 @@ def run(args, state, header):
         uc, c = prior.embed([args.null_prompt, args.prompt]).chunk(2)
 
     compare = bool(args.compare)
-    methods = [name for name, _, _ in solvers]
-    header |= {"args": runs.cli_args(args),
+    header |= {"args": runs.cli_args(args), "settings": settings,
               "task": dataclasses.asdict(task),
               "solvers": {name: {"solver": solver, **dataclasses.asdict(cfg)} for name, solver, cfg in solvers},
               "device": str(device), "dtype": str(dtype).removeprefix("torch."), "versions": versions()}
     name = slug(args.prompt)
+    done = {}
+    if args.skip_existing:
+        done = {r["index"]: r for r in runs.read_records(args.workdir, warn=False)
+                if r.get("settings") == settings and r.get("image_sha256")}
     todo = [i for i in range(len(paths))[state.process_index::state.num_processes]
-            if not (args.skip_existing and runs.record_path(args.workdir, i).exists())]
+            if not (i in done and done[i]["image_sha256"] == checked[i][1])]
     for start in range(0, len(todo), args.batch_size):
         batch = todo[start:start + args.batch_size]
         x = torch.cat([load_image(paths[i], task.image_size) for i in batch]).to(device)
@@ -387,9 +454,10 @@ def run(args, state, header):
             if compare:
                 pictures[("compare", None)] = grid([[y_view[j], *(outputs[m][j] for m in methods), x[j]]],
                                                    ["measurement", *methods, "ground truth"])
-            size = sizes[i]
-            record = {"index": i, "path": str(paths[i]), "prompt": args.prompt, "process": state.process_index,
-                      "original_size": list(size), "results": results[j],
+            size, digest = checked[i]
+            record = {"index": i, "path": str(paths[i]), "image_sha256": digest, "prompt": args.prompt,
+                      "process": state.process_index, "device": str(device), "original_size": list(size),
+                      "settings": settings, "results": results[j],
                       "files": {f"{k}/{m}" if m else k: str(p) for (k, m), p in files.items()}}
             write_outputs(files, pictures, runs.record_path(args.workdir, i), record)
             line = ", ".join(f"{m} residual {r['residual']:.4g}" + "".join(
@@ -426,6 +494,7 @@ def main(argv=None):
     header = {}
     try:
         run(args, state, header)
+        finish(args, header, state, bool(args.compare))
     except (ConfigError, ImageError, PriorUnavailable) as err:
         sys.exit(f"error: {err}")
     except (NumericalError, OSError, KeyboardInterrupt) as err:
@@ -440,8 +509,10 @@ def main(argv=None):
                 runs.merge(args.workdir, header)  # no barrier: the other processes may be gone
             except OSError:
                 pass  # the records stay; a rerun with --skip_existing merges them
+        if isinstance(err, KeyboardInterrupt):
+            print(message, file=sys.stderr)
+            sys.exit(130)  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
         sys.exit(message)
-    finish(args, header, state, bool(args.compare))
 
 if __name__ == "__main__":
     main()

@@ -1,6 +1,7 @@
 """Hostile input, group by group: every bad value ends in one readable line and a non-zero exit, before any model
 loads where that is possible, and leaves no file behind; a NaN stops the run naming the method and the step."""
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -146,6 +147,25 @@ def test_cli_values(tmp_path, flags, expected, monkeypatch):
     assert not workdir.exists()
 
 
+@pytest.mark.parametrize("flags, expected", [
+    (["--steps", 0], "--steps: 'steps' must be in [1, 1000], got 0"),
+    (["--cfg_guidance", "nan"], "--cfg_guidance: 'cfg_guidance' must be a finite number, got nan"),
+    (["--cfg_guidance", 101], "--cfg_guidance: 'cfg_guidance' must be in [0, 100], got 101"),
+    (["--compare", "treg,dps", "--steps", 0], "--steps: 'steps' must be in [1, 1000], got 0"),
+])
+def test_a_bad_flag_value_is_blamed_on_the_flag_not_the_yaml(tmp_path, flags, expected):
+    code, workdir = run(tmp_path, *flags, steps=None)
+    assert_one_line_error(code, expected)
+    assert ".yaml" not in code and not workdir.exists()
+
+
+def test_an_abbreviated_flag_is_refused(tmp_path, capsys):
+    """argparse would take --cfg for --cfg_guidance (prefix matching)."""
+    code, workdir = run(tmp_path, "--cfg", 5)
+    assert code == 2 and "unrecognized arguments: --cfg 5" in capsys.readouterr().err
+    assert not workdir.exists()
+
+
 def test_argparse_errors_are_one_line(tmp_path, capsys):
     code, _ = run(tmp_path, "--steps", "many")
     assert code == 2
@@ -262,13 +282,17 @@ def test_unreachable_hub_is_one_line(tmp_path, monkeypatch):
 
 # --- images ---------------------------------------------------------------------------------------------------------
 
-def test_bad_image_in_a_folder_fails_before_the_first_solve(tmp_path):
+@pytest.mark.parametrize("name, content, expected", [
+    ("b.png", b"not an image", "cannot identify image file"),
+    ("b.jpg", CAT.read_bytes()[: CAT.stat().st_size // 2], "image file is truncated"),  # an intact header
+])
+def test_bad_image_in_a_folder_fails_before_the_first_solve(tmp_path, name, content, expected):
     folder = tmp_path / "images"
     folder.mkdir()
     shutil.copy(CAT, folder / "a.jpg")
-    (folder / "b.png").write_text("not an image")
+    (folder / name).write_bytes(content)
     code, workdir = run(tmp_path, "--img_path", folder)
-    assert_one_line_error(code, "cannot read image", "b.png")
+    assert_one_line_error(code, "cannot read image", name, expected)
     assert not workdir.exists()
 
 
@@ -296,3 +320,149 @@ def test_nan_stops_the_run_naming_method_and_step(tmp_path, monkeypatch, solver)
                         steps=5)
     assert_one_line_error(code, f"{solver} produced NaN or inf at step")
     assert not workdir.exists() or not any(p.is_file() for p in workdir.rglob("*"))
+
+
+# --- task parameters at and beyond their edges ----------------------------------------------------------------------
+
+def _gauss(**p):
+    return "blur", {"kernel": "gaussian", **p}
+
+
+def _motion(**p):
+    return "blur", {"kernel": "motion", **p}
+
+
+def _box(**p):
+    return "inpainting", {"mask": "box", **p}
+
+
+def _random(**p):
+    return "inpainting", {"mask": "random", **p}
+
+
+# (operator and params, image size): the smallest image each takes (8, or 16 for ×16 SR), values at their limits
+EDGES = [
+    (("super_resolution", {"scale": 4}), 8), (("super_resolution", {"scale": 8}), 8),
+    (("super_resolution", {"scale": 16}), 16),  # y is 1×1
+    (_gauss(kernel_size=1, std=1.0), 16), (_gauss(kernel_size=3, std=0.01), 16), (_gauss(kernel_size=3, std=1e4), 16),
+    (_motion(kernel_size=1, intensity=0.0, seed=0), 16), (_motion(kernel_size=1, intensity=1.0, seed=0), 16),
+    (_motion(kernel_size=3, intensity=0.5, seed=2 ** 63 - 1), 16),
+    (_box(size=1), 8), (_box(size=2), 8), (_box(size=8), 8), (_box(size=1.0), 8), (_box(size=2, top=0, left=0), 8),
+    (_box(size=2, top=6, left=6), 8), (_box(size=2, margin=0), 8), (_box(size=2, margin=3, seed=5), 8),
+    (_random(drop=0.0), 8), (_random(drop=1.0), 8), (_random(drop=1 / 64), 8),
+    (("inpainting", {"mask": "MASK"}), 8),  # a 1×1 mask image, all missing
+]
+OUTSIDE = [
+    (("super_resolution", {"scale": 2}), 16, "scale must be one of (4, 8, 16)"),
+    (("super_resolution", {"scale": 16.0}), 16, "'scale' must be int"),
+    (("super_resolution", {"scale": True}), 16, "'scale' must be int"),
+    (("super_resolution", {"scale": 16}), 24, "divisible by scale"),
+    (("super_resolution", {}), 16, "missing a required argument: 'scale'"),
+    (_gauss(kernel_size=0, std=1.0), 16, "odd integer in [1, 1025], got 0"),
+    (_gauss(kernel_size=2, std=1.0), 16, "odd integer in [1, 1025], got 2"),
+    (_gauss(kernel_size=1027, std=1.0), 16, "odd integer in [1, 1025], got 1027"),
+    (_gauss(kernel_size=5.0, std=1.0), 16, "'kernel_size' must be int"),
+    (_gauss(kernel_size=5, std=0.0099), 16, "std must be in [0.01, 10000]"),
+    (_gauss(kernel_size=5, std=1.0001e4), 16, "std must be in [0.01, 10000]"),
+    (_gauss(kernel_size=5, std=float("nan")), 16, "'std' must be a finite float"),
+    (_gauss(kernel_size=5, std=1.0, seed=0), 16, "unknown parameter(s) seed"),
+    (_motion(kernel_size=3, intensity=-0.1, seed=0), 16, "intensity must be in [0, 1]"),
+    (_motion(kernel_size=3, intensity=1.1, seed=0), 16, "intensity must be in [0, 1]"),
+    (_motion(kernel_size=3, intensity=float("inf"), seed=0), 16, "'intensity' must be a finite float"),
+    (_motion(kernel_size=3, intensity=0.5, seed=-1), 16, "seed must be a non-negative integer"),
+    (_motion(kernel_size=-1, intensity=0.5, seed=0), 16, "odd integer in [1, 1025], got -1"),
+    (_motion(kernel_size=3, intensity=0.5), 16, "missing a required argument: 'seed'"),
+    (("blur", {"kernel": "box", "kernel_size": 3}), 16, "unknown blur kernel 'box'"),
+    (_box(size=0), 8, "size must be a fraction in (0, 1] or pixels in [1, 8]"),
+    (_box(size=9), 8, "pixels in [1, 8], got 9"),
+    (_box(size=1.5), 8, "pixels in [1, 8], got 1.5"),
+    (_box(size=0.01), 8, "box of size 0"),  # rounds to no pixel at 8²
+    (_box(size=True), 8, "'size' must be a finite int"),
+    (_box(size=2, top=7, left=6), 8, "does not fit a 8×8 image"),
+    (_box(size=2, top=-1, left=0), 8, "does not fit a 8×8 image"),
+    (_box(size=2, top=1), 8, "give both top and left"),
+    (_box(size=2, margin=4), 8, "does not fit 4 pixels inside"),
+    (_box(size=2, margin=0, seed=-1), 8, "seed must be a non-negative integer"),
+    (_random(drop=-0.1), 8, "drop must be in [0, 1]"),
+    (_random(drop=1.1), 8, "drop must be in [0, 1]"),
+    (_random(drop=float("nan")), 8, "'drop' must be a finite float"),
+    (_random(drop=0.5, seed=-1), 8, "seed must be a non-negative integer"),
+    (("inpainting", {"mask": "NOT_AN_IMAGE"}), 8, "a readable image file"),
+    (("inpainting", {"mask": "MISSING"}), 8, "No such file or directory"),
+    (("inpainting", {"mask": 5}), 8, "'mask' must be str"),
+    (("warp", {}), 16, "unknown operator 'warp'"),
+]
+
+
+def task_file(tmp_path, operator, params, size, noise_scale=0.01):
+    from PIL import Image
+    Image.new("L", (1, 1), 0).save(tmp_path / "mask.png")
+    (tmp_path / "text.png").write_text("not an image")
+    named = {"MASK": tmp_path / "mask.png", "NOT_AN_IMAGE": tmp_path / "text.png", "MISSING": tmp_path / "no.png"}
+    params = {k: str(named[v]) if isinstance(v, str) and v in named else v for k, v in params.items()}
+    path = tmp_path / "task.yaml"
+    path.write_text(yaml.safe_dump({"operator": operator, "params": params, "noise_scale": noise_scale,
+                                    "image_size": size}))
+    return path
+
+
+def complete_run(workdir):
+    """Each kind of output once, the record and the reports; no temporary file."""
+    names = sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*") if p.is_file())
+    return names == ["input/00000-no-prompt.png", "label/00000-no-prompt.png", "metrics.csv", "recon/00000-no-prompt.png",
+                     "records/00000.json", "run.json", "ypred/00000-no-prompt.png"]
+
+
+@pytest.mark.parametrize("case, size", EDGES, ids=[f"{op}-{p}-{n}" for (op, p), n in EDGES])
+def test_task_parameters_at_their_edges_solve(tmp_path, case, size, one_thread):
+    """Every accepted edge value runs to the end (2 steps, treg, cfg on): complete outputs, a finite residual."""
+    code, workdir = run(tmp_path, "--task_config", task_file(tmp_path, *case, size), "--image_size", size,
+                        "--metrics", "psnr", steps=2)
+    assert code is None
+    assert complete_run(workdir)
+    result = json.loads((workdir / "run.json").read_text())["images"][0]["results"]["treg"]
+    assert math.isfinite(result["residual"])
+
+
+@pytest.mark.parametrize("case, size, expected", OUTSIDE, ids=[f"{op}-{p}-{n}" for (op, p), n, _ in OUTSIDE])
+def test_task_parameters_outside_their_edges_are_one_line(tmp_path, case, size, expected):
+    code, workdir = run(tmp_path, "--task_config", task_file(tmp_path, *case, size), "--image_size", size,
+                        "--metrics", "psnr", steps=2)
+    assert_one_line_error(code, expected)
+    assert not workdir.exists()
+
+
+@pytest.mark.parametrize("solver", ["ddrm", "pigdm", "cci", "psld"])
+@pytest.mark.parametrize("case, size, noise", [
+    (("super_resolution", {"scale": 16}), 16, 0.0), (_gauss(kernel_size=1, std=1.0), 16, 10.0),
+    (_random(drop=1.0), 8, 0.01), (_box(size=1), 8, 0.0)])
+def test_edges_through_the_other_solvers(tmp_path, solver, case, size, noise, one_thread):
+    """The solvers that use the operator's SVD, pseudo-inverse or gradient at the edges, and noise_scale 0 and 10."""
+    code, workdir = run(tmp_path, "--task_config", task_file(tmp_path, *case, size, noise_scale=noise), "--image_size",
+                        size, "--metrics", "psnr", "--solver_config", ROOT / f"configs/solver/{solver}.yaml", steps=2)
+    assert code is None and complete_run(workdir)
+
+
+@pytest.mark.parametrize("kernel", [{"kernel": "gaussian", "kernel_size": 1, "std": 3.0},
+                                    {"kernel": "motion", "kernel_size": 1, "intensity": 0.5, "seed": 0}])
+def test_a_one_tap_blur_is_the_identity(kernel):
+    """Issue 16 §12: kernel_size 1 ended in an IndexError. A normalised 1×1 kernel is [[1]]: A = Aᵀ = A⁺ = I."""
+    from treg.operators import build_operator
+    op = build_operator("blur", 16, **kernel)
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    for fn in (op.A, op.At, op.pinv):
+        assert torch.allclose(fn(x), x, atol=1e-6)
+
+
+@pytest.mark.parametrize("kernel", [{"kernel": "gaussian", "kernel_size": 1025, "std": 1e4},
+                                    {"kernel": "motion", "kernel_size": 1025, "intensity": 1.0, "seed": 0}])
+def test_the_largest_blur_kernel_on_the_smallest_image(kernel):
+    """kernel_size 1025 on 8²: A and Aᵀ stay adjoint (⟨Ax, y⟩ = ⟨x, Aᵀy⟩ in float64) and finite. (A whole solve
+    with it costs 5 s, its motion pinv 50 s in float64: operator level only.)"""
+    from treg.operators import build_operator
+    op = build_operator("blur", 8, **kernel).double()
+    g = torch.Generator().manual_seed(0)
+    x, y = (torch.randn(1, 3, 8, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    ax = op.A(x)
+    assert torch.isfinite(ax).all() and ax.abs().max() > 0
+    assert (ax * y).sum().item() == pytest.approx((x * op.At(y)).sum().item(), rel=1e-9, abs=1e-12)

@@ -1,10 +1,12 @@
 """Image loading accepts what users have on disk: any mode, any shape, small images; and refuses what it must."""
+import hashlib
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from treg.images import ImageError, load_image, original_size
+from treg.images import ImageError, check_image, load_image
 
 
 def gradient(h, w):
@@ -47,7 +49,9 @@ def test_non_square_is_resized_on_the_short_side_and_centre_cropped(tmp_path):
 def test_small_image_is_upsampled_and_its_size_is_known(tmp_path):
     Image.fromarray(gradient(16, 24)).save(tmp_path / "small.png")
     x = load_image(tmp_path / "small.png", 64)
-    assert x.shape == (1, 3, 64, 64) and original_size(tmp_path / "small.png") == (24, 16)
+    size, digest = check_image(tmp_path / "small.png", 64)
+    assert x.shape == (1, 3, 64, 64) and size == (24, 16)
+    assert digest == hashlib.sha256((tmp_path / "small.png").read_bytes()).hexdigest()
     assert x[0, 0, 0, 0] < x[0, 0, -1, -1]  # the ramp survives the upsampling
 
 
@@ -56,4 +60,19 @@ def test_decompression_bomb_is_refused_in_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64 * 64 // 4)  # PIL refuses images over twice the limit
     with pytest.raises(ImageError, match="refusing .*bomb.png.*decompression bomb") as err:
         load_image(tmp_path / "bomb.png", 32)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("kind", ["jpg", "png"])
+def test_a_truncated_file_fails_the_check_though_its_header_is_intact(tmp_path, kind):
+    """The check decodes the whole image (a JPEG at reduced scale): a file cut in half fails in one line."""
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)).save(tmp_path / f"whole.{kind}")
+    data = (tmp_path / f"whole.{kind}").read_bytes()
+    (tmp_path / f"cut.{kind}").write_bytes(data[: len(data) // 2])
+    with Image.open(tmp_path / f"cut.{kind}") as img:
+        assert img.size == (256, 256)  # the header alone passes
+    assert check_image(tmp_path / f"whole.{kind}", 64)[0] == (256, 256)
+    with pytest.raises(ImageError, match=f"cannot read image .*cut.{kind}: .*truncated") as err:
+        check_image(tmp_path / f"cut.{kind}", 64)
     assert "\n" not in str(err.value)

@@ -64,7 +64,7 @@ def test_limit_and_per_image_seeds(tmp_path):
     assert record["metrics_mean"]["treg"]["psnr"] == pytest.approx(mean)
 
 
-def test_interrupted_run_resumes_to_the_same_files(tmp_path, monkeypatch):
+def test_interrupted_run_resumes_to_the_same_files(tmp_path, monkeypatch, capsys):
     cfg = solver_yaml(tmp_path, "treg", steps=12)
     assert run_main("--solver_config", cfg, "--workdir", tmp_path / "whole") is None
 
@@ -79,7 +79,8 @@ def test_interrupted_run_resumes_to_the_same_files(tmp_path, monkeypatch):
 
     monkeypatch.setitem(SOLVERS, "treg", (interrupted_on_third_image, config))
     code = run_main("--solver_config", cfg, "--workdir", tmp_path / "resumed")
-    assert "interrupted" in code
+    assert code == 130  # 128 + SIGINT, what a shell reports for Ctrl-C
+    assert capsys.readouterr().err.splitlines()[-1].startswith("interrupted: finished images are saved")
     partial = pngs(tmp_path / "resumed")
     assert len(partial) == 2 * 4  # two images finished, nothing half-written
     assert not [p for p in (tmp_path / "resumed").rglob(".*") if p.is_file()]  # no temporary files left
@@ -169,3 +170,93 @@ def test_mean_interval_is_the_student_t_interval():
     low, high = stats.t.interval(0.95, len(values) - 1, loc=np.mean(values), scale=stats.sem(values))
     assert mean == pytest.approx(np.mean(values)) and half == pytest.approx((high - low) / 2, rel=1e-12)
     assert mean_interval([2.0]) == (2.0, 0.0)
+
+
+# --- one run per workdir ------------------------------------------------------------------------------------------
+
+def tree(workdir):
+    """{relative path: bytes} of every file under workdir."""
+    return {p.relative_to(workdir): p.read_bytes() for p in sorted(Path(workdir).rglob("*")) if p.is_file()}
+
+
+def counting_solver(monkeypatch):
+    """Wrap treg's solver so that a test can count the images it solves."""
+    fn, config = SOLVERS["treg"]
+    solved = []
+
+    def counted(prior, op, y, *args, **kwargs):
+        solved.append(len(y))
+        return fn(prior, op, y, *args, **kwargs)
+    monkeypatch.setitem(SOLVERS, "treg", (counted, config))
+    return solved
+
+
+def test_other_settings_are_refused_and_overwrite_replaces_the_old_run(tmp_path):
+    """Issue 16 §9: a new prompt and w = 0 into a used workdir, with --skip_existing, skipped every image and left
+    the dog's PNGs under a run.json naming the coffee (then treg.figure found two reconstructions)."""
+    from treg import figure
+    work = tmp_path / "w"
+    assert run_main("--workdir", work, "--steps", 3, "--limit", 2, "--prompt", "a photo of a dog") is None
+    before = tree(work)
+    coffee = ["--workdir", work, "--steps", 3, "--limit", 2, "--prompt", "a cup of coffee", "--cfg_guidance", 0]
+    for extra in (["--skip_existing"], []):
+        code = run_main(*coffee, *extra)
+        assert isinstance(code, str) and code.startswith("error: --workdir") and "\n" not in code, code
+        assert "prompt 'a photo of a dog' → 'a cup of coffee'" in code and "cfg_guidance 4.0 → 0.0" in code, code
+        assert "--overwrite" in code
+        assert tree(work) == before  # refused before anything was written or removed
+    assert run_main(*coffee, "--overwrite") is None
+    assert sorted(str(p.relative_to(work)) for p in work.rglob("*.png")) == sorted(
+        f"{kind}/0000{i}-a cup of coffee.png" for kind in ("input", "label", "recon", "ypred") for i in (0, 1))
+    report = json.loads((work / "run.json").read_text())
+    assert report["settings"]["prompt"] == "a cup of coffee" and report["solvers"]["treg"]["cfg_guidance"] == 0
+    assert [r["settings"] == report["settings"] for r in report["images"]] == [True, True]
+    info = figure.read_run(work)  # exactly one reconstruction of image 0
+    assert info["prompt"] == "a cup of coffee" and info["w"] == 0
+
+
+def test_skip_existing_skips_only_images_with_these_settings_and_file(tmp_path, monkeypatch):
+    """Metrics, --limit and --batch_size may change between the runs of a workdir; an image file that changed is
+    solved again, the others are not."""
+    import hashlib
+    import shutil
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name, sample in (("a.jpg", "cat_1.jpg"), ("b.jpg", "coffee.jpg"), ("c.jpg", "rocket.jpg")):
+        shutil.copy(ROOT / "samples" / sample, folder / name)
+    work = tmp_path / "w"
+    common = ["--img_path", folder, "--workdir", work, "--steps", 3]
+    assert run_main(*common, "--limit", 2) is None
+    solved = counting_solver(monkeypatch)
+    assert run_main(*common, "--skip_existing", "--metrics", "psnr", "--batch_size", 2) is None
+    assert solved == [1]  # only c.jpg, which --limit 2 left out
+    shutil.copy(ROOT / "samples/astronaut.jpg", folder / "b.jpg")
+    solved.clear()
+    assert run_main(*common, "--skip_existing") is None
+    assert solved == [1]  # b.jpg alone: its record was made from another file
+    records = {r["index"]: r for r in json.loads((work / "run.json").read_text())["images"]}
+    assert records[1]["image_sha256"] == hashlib.sha256((folder / "b.jpg").read_bytes()).hexdigest()
+    assert sorted(records) == [0, 1, 2] and set(records[0]["results"]["treg"]["metrics"]) == {"psnr", "ssim"}
+
+
+def test_outputs_of_an_unknown_run_are_refused_and_overwrite_keeps_foreign_files(tmp_path):
+    work = tmp_path / "w"
+    (work / "input").mkdir(parents=True)
+    (work / "input" / "notes.txt").write_text("mine")
+    (work / "run.json").write_text(json.dumps({"args": {"prompt": "a photo of a dog"}, "images": []}))
+    args = ["--workdir", work, "--steps", 3, "--limit", 1]
+    code = run_main(*args)
+    assert "holds another run: run.json records no settings" in code and "\n" not in code, code
+    (work / "run.json").unlink()
+    (work / "recon").mkdir()
+    Image.new("RGB", (64, 64)).save(work / "recon/00000-a photo of a dog.png")  # a PNG whose record was never written
+    code = run_main(*args)
+    assert "recon/00000-a photo of a dog.png is no output of these settings" in code, code
+    assert "give one of them" in run_main(*args, "--overwrite", "--skip_existing")
+    assert run_main(*args, "--overwrite") is None
+    assert not (work / "recon/00000-a photo of a dog.png").exists()
+    assert (work / "input/notes.txt").read_text() == "mine"  # not an output of solve.py: kept
+    assert (work / "recon/00000-a photo of a cat.png").exists()
+    # the same settings again, beside the PNG that a killed run of them wrote for image 3 before its record: accepted
+    Image.new("RGB", (64, 64)).save(work / "recon/00003-a photo of a cat.png")
+    assert run_main(*args, "--metrics", "psnr") is None

@@ -33,9 +33,12 @@ class RunError(ValueError):
 def _image0(run, kind):
     """The PNG of image 0 in run/kind/ (or run/kind/<method>/ for a --compare run with one method)."""
     files = sorted((run / kind).glob("00000-*.png")) or sorted((run / kind).glob("*/00000-*.png"))
-    if len(files) != 1:
-        found = "no" if not files else f"{len(files)} (several methods?)"
-        raise RunError(f"{run}: expected one {kind}/00000-*.png, found {found}")
+    if not files:
+        raise RunError(f"{run}: expected one {kind}/00000-*.png, found none")
+    if len(files) > 1:  # solve.py now refuses a second run into a workdir; an older one could mix two
+        names = ", ".join(str(f.relative_to(run)) for f in files)
+        raise RunError(f"{run}: expected one {kind}/00000-*.png, found {len(files)} ({names}): several methods, or "
+                       "the images of an earlier run (rerun that one with solve.py --overwrite)")
     return files[0]
 
 

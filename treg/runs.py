@@ -11,6 +11,8 @@ from pathlib import Path
 from treg.images import atomic_write
 
 RECORDS = "records"
+OUTPUT_FOLDERS = ("input", "label", "recon", "ypred", "compare")  # the PNGs of solve.py, recon/ypred per method
+REPORTS = ("run.json", "metrics.csv", "compare.md")
 COLUMNS = ("index", "path", "method", "residual", "noise_floor", "wall_seconds", "nfe", "peak_memory_mb")
 
 
@@ -60,9 +62,9 @@ def _is_record(data):
                 for r in data["results"].values()))
 
 
-def read_records(workdir):
+def read_records(workdir, warn=True):
     """The image records in `workdir`, by index; a file there that is not one (corrupt, foreign, unreadable) is
-    skipped with a warning, so a stray file never breaks the merge."""
+    skipped, with a warning if `warn`, so a stray file never breaks the merge."""
     records = []
     for path in sorted((Path(workdir) / RECORDS).glob("*.json")):
         try:
@@ -71,9 +73,76 @@ def read_records(workdir):
             data = None
         if _is_record(data):
             records.append(data)
-        else:
+        elif warn:
             warnings.warn(f"skipping {path}: not a record written by solve.py")
     return records
+
+
+def _differences(old, new, key=""):
+    """['key old → new', ...] for the values where two settings mappings differ (a set of methods as one)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        if key and old.keys() != new.keys() and all(isinstance(v, dict) for v in [*old.values(), *new.values()]):
+            return [f"{key} {','.join(old) or '–'} → {','.join(new) or '–'}"]
+        return [d for k in dict.fromkeys([*old, *new]) for d in _differences(old.get(k), new.get(k), k)]
+    return [] if old == new else [f"{key} {'–' if old is None else repr(old)} → {'–' if new is None else repr(new)}"]
+
+
+def stored_settings(workdir):
+    """[(file, settings)] of run.json and of each record in `workdir`: what its outputs were made with (None where
+    a file records no settings, e.g. one written before solve.py stored them)."""
+    workdir = Path(workdir)
+    out = []
+    if (workdir / "run.json").exists():
+        try:
+            data = json.loads((workdir / "run.json").read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            data = None
+        out.append(("run.json", data.get("settings") if isinstance(data, dict) else None))
+    return out + [(str(record_path(".", r["index"])), r.get("settings")) for r in read_records(workdir, warn=False)]
+
+
+def settings_conflict(workdir, settings, expected):
+    """None if everything solve.py left in `workdir` was made with `settings`, else one line saying what differs.
+    `expected(index)` gives the output files (relative to `workdir`) that these settings write for image `index`; a
+    PNG of an output folder that is not one of those of the index its name starts with belongs to another run."""
+    workdir = Path(workdir)
+    for where, old in stored_settings(workdir):
+        if old is None:
+            return f"{where} records no settings (written by an older solve.py, or not by solve.py)"
+        if old != settings:
+            changes = _differences(old, settings)
+            return f"its {where} was made with other settings: " + "; ".join(changes[:4]) + (
+                f"; and {len(changes) - 4} more" if len(changes) > 4 else "")
+    for folder in OUTPUT_FOLDERS:
+        for path in sorted((workdir / folder).rglob("[!.]*.png")):
+            index = path.name[:5]
+            if not (index.isdigit() and path.relative_to(workdir) in expected(int(index))):
+                return f"{path.relative_to(workdir)} is no output of these settings (left by another run)"
+    return None
+
+
+def clear_outputs(workdir):
+    """Remove what solve.py wrote in `workdir` (reports, records, the PNGs of the output folders, temporary files
+    of interrupted writes) and the folders this empties; anything else stays. Returns the number of files removed."""
+    workdir = Path(workdir)
+    files = [workdir / name for name in REPORTS if (workdir / name).is_file()]
+    files += [p for p in (workdir / RECORDS).glob("*.json") if p.is_file()]  # pathlib's * matches .tmp names
+    for folder in OUTPUT_FOLDERS:
+        files += [p for p in (workdir / folder).rglob("*.png") if p.is_file()]
+    for path in files:
+        path.unlink()
+    for folder in (*OUTPUT_FOLDERS, RECORDS):
+        for sub in sorted((p for p in (workdir / folder).rglob("*") if p.is_dir()), reverse=True):
+            _remove_if_empty(sub)
+        _remove_if_empty(workdir / folder)
+    return len(files)
+
+
+def _remove_if_empty(folder):
+    try:
+        folder.rmdir()
+    except OSError:  # not empty (a file that is not ours), or absent
+        pass
 
 
 def _mean(values):
