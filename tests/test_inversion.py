@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from treg.analytic import SAMPLES, AnalyticPrior, load_image
-from treg.diffusion import schedule
+from treg.diffusion import ddim_step, schedule, tweedie
 from treg.inversion import (InversionConfig, implicit_map, implicit_residual, invert, prompt_aware_adjustment,
                             regenerate, rnri)
 
@@ -140,3 +140,42 @@ def test_prompt_aware_adjustment(bed):
     z = invert(prior, z0, cfg, c=c, uc=uc, generator=torch.Generator().manual_seed(0))
     back = regenerate(prior, z, cfg, c=c, uc=uc)
     assert ((back - adjusted).norm() / adjusted.norm()).item() < 1e-6
+
+
+def test_thousand_steps_levels():
+    """steps = 1000, which every config accepts: diffusers' leading grid with steps_offset = 1 is 1000, 999, …, 1
+    and its own step() fails at t = 1000, so ours clamps the model's t to 999. With the official shift the levels
+    are still every ᾱ_999, …, ᾱ_0 once, each step ending where the next begins; without it the first step is a
+    no-op at ᾱ_999 and the other 999 are diffusers' steps t = 999, …, 1, replayed with its DDIMScheduler."""
+    from diffusers import DDIMScheduler
+    s = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                      set_alpha_to_one=False, steps_offset=1)
+    s.set_timesteps(1000)
+    grid = s.timesteps.tolist()
+    assert grid[0] == 1000 and len(grid) == 1000
+    ac = s.alphas_cumprod.double()
+    shifted = schedule(s.alphas_cumprod, 1000, official_shift=True)
+    assert [t for t, _, _ in shifted] == [999] + grid[1:]
+    assert [a for _, a, _ in shifted] == ac.flip(0).tolist()
+    assert [a_prev for _, _, a_prev in shifted] == ac.flip(0).tolist()[1:] + [ac[0].item()]
+    plain = schedule(s.alphas_cumprod, 1000, official_shift=False)
+    assert plain[0] == (999, ac[999].item(), ac[999].item())
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(1, 4, 2, 2, generator=g, dtype=torch.float64)
+    for (t, a, a_prev), t_diffusers in zip(plain[1:], grid[1:]):
+        eps = torch.randn(z.shape, generator=g, dtype=torch.float64)
+        expected = s.step(eps, t_diffusers, z).prev_sample
+        z = ddim_step(tweedie(z, eps, a), eps, a_prev)
+        assert t == t_diffusers and torch.allclose(z, expected, rtol=1e-6, atol=1e-6), t
+
+
+def test_thousand_steps_end_to_end(tmp_path):
+    """`steps: 1000` runs on the analytic prior, where it ended in "timestep 1000 outside [0, 1000)": solve.py's
+    DDIM solver with --steps 1000 makes one ε̂ call per step and a finite result."""
+    import json
+    import math
+    import solve
+    solve.main(["--model", "analytic", "--image_size", "64", "--img_path", str(SAMPLES / "cat_1.jpg"), "--solver_config",
+                "configs/solver/ddim.yaml", "--steps", "1000", "--cfg_guidance", "0", "--workdir", str(tmp_path)])
+    result = json.loads((tmp_path / "records/00000.json").read_text())["results"]["ddim"]
+    assert result["nfe"] == 1000 and math.isfinite(result["metrics"]["psnr"])
