@@ -161,6 +161,7 @@ def test_implicit_residual_measures_the_equation(bed):
         infos = []
         z = invert(prior, batch, dataclasses.replace(cfg, method=method, iters=iters), c=c, uc=uc,
                    callback=infos.append)
+        assert [info["i"] for info in infos] == list(reversed(range(20)))  # every step reports, last first
         results[method] = implicit_residual(prior, infos, cfg, c=c, uc=uc)
         alone = invert(prior, z0, dataclasses.replace(cfg, method=method, iters=iters), c=c, uc=uc)
         assert torch.allclose(z[:1], alone, rtol=1e-12, atol=1e-14)
@@ -178,6 +179,10 @@ def test_prompt_aware_adjustment(bed):
     z = invert(prior, z0, cfg, c=c, uc=uc, generator=torch.Generator().manual_seed(0))
     back = regenerate(prior, z, cfg, c=c, uc=uc)
     assert ((back - adjusted).norm() / adjusted.norm()).item() < 1e-6
+    # DDIM inversion with the adjustment is DDIM inversion of the adjusted latent, drawn from the same generator
+    ddim = dataclasses.replace(cfg, method="ddim")
+    assert torch.equal(invert(prior, z0, ddim, c=c, uc=uc, generator=torch.Generator().manual_seed(0)),
+                       invert(prior, adjusted, dataclasses.replace(ddim, prompt_aware=False), c=c, uc=uc))
 
 
 def test_thousand_steps_levels():
@@ -245,26 +250,96 @@ class Counting:
         return self.prior.eps(z, t, e)
 
 
-@pytest.mark.parametrize("official_shift", [True, False])
-def test_prompt_aware_adjustment_is_img2img(bed, official_shift):
+@pytest.mark.parametrize("official_shift, steps", [(True, 50), (False, 50), (False, 10)])
+def test_prompt_aware_adjustment_is_img2img(bed, official_shift, steps):
     """The adjustment replayed as diffusers' img2img at strength 0.05 of 50 steps (FPI/main.py:46-47): DDIMScheduler's
     add_noise at the first kept timestep, then its step() on each kept one. Without the shift those are t = 21, 1
-    (2 ε̂ calls); with it the last step is a no-op, which costs no ε̂ call (one call, at t = 21)."""
+    (2 ε̂ calls); with it the last step is a no-op, which costs no ε̂ call (one call, at t = 21). At 10 steps
+    diffusers would keep ⌊0.05·10⌋ = 0 steps; ours keeps one, t = 1."""
     from diffusers import DDIMScheduler
     prior, z0, c, uc = bed
-    cfg = InversionConfig(steps=50, cfg_guidance=5.0, prompt_aware=True, official_shift=official_shift)
+    cfg = InversionConfig(steps=steps, cfg_guidance=5.0, prompt_aware=True, official_shift=official_shift)
     counting = Counting(prior)
     got = prompt_aware_adjustment(counting, z0, cfg, c=c, uc=uc, generator=torch.Generator().manual_seed(0))
-    assert counting.calls == ([21] if official_shift else [21, 1])
+    assert counting.calls == ([21] if official_shift else [21, 1] if steps == 50 else [1])
     s = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                       set_alpha_to_one=False, steps_offset=1)
     if official_shift:  # the official TReg code's ᾱ_{t-1}: the step 21 → 1 runs from ᾱ_20 to ᾱ_0
         s.alphas_cumprod = torch.cat([torch.ones(1), s.alphas_cumprod[:-1]])
         s.final_alpha_cumprod = s.alphas_cumprod[1]
-    s.set_timesteps(50)
-    kept = s.timesteps[-2:]
+    s.set_timesteps(steps)
+    kept = s.timesteps[-max(1, steps // 20):]
     noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(0)).to(z0)
     z = s.add_noise(z0, noise, kept[:1])
     for t in kept:
         z = s.step(guided_eps(prior, z, int(t), uc, c, 5.0), t, z).prev_sample
     assert torch.allclose(got, z, rtol=1e-5, atol=1e-6)
+
+
+def test_first_step_at_and_the_warm_start_order(bed):
+    """first_step_at on the 50-step grid t_i = 981 − 20·i: the first i with t_i ≤ t is ⌈(981 − t)/20⌉ (the last step
+    if none is, the first if all are); a warm start that would invert past its own start is refused."""
+    from treg.config import ConfigError
+    from treg.inversion import first_step_at, warm_start
+    from treg.solvers import TRegConfig
+    prior, z0, c, uc = bed
+    triples = schedule(prior.alphas_cumprod, 50)
+    for t in (5000, 981, 980, 501, 500, 481, 480, 2, 1):
+        assert first_step_at(triples, t) == max(0, -(-(981 - t) // 20)), t
+    assert first_step_at(triples, 0) == 49
+    cfg = TRegConfig(steps=50, init="inversion", init_t=500, init_invert_t=501)
+    with pytest.raises(ConfigError, match=r"^init_invert_t \(501\) must not exceed init_t \(500\): re-noising only"):
+        warm_start(prior, None, None, cfg, c=c, uc=uc)
+
+
+def test_measurement_start_draws_from_the_generator(tiny_prior):
+    """measurement_start on the tiny SD, whose VAE encoding samples: the generator feeds, in this order, the VAE
+    sample of A⁺y, the prompt-aware adjustment's noise inside RNRI, and the re-noising, so a seed fixes the start and
+    the start is the inversion (down to the first step with t ≤ 501, unshifted) re-noised from its level to `level`."""
+    from treg.config import ConfigError
+    from treg.inversion import measurement_start, renoised_inversion
+    from treg.operators import build_operator
+    op = build_operator("super_resolution", 64, scale=4)
+    y = op.A(load_image(SAMPLES / "cat_1.jpg", 64))
+    uc, c = tiny_prior.embed(["", "a cat"]).chunk(2)
+    inversion = InversionConfig(steps=4, cfg_guidance=3.0, official_shift=False, prompt_aware=True)
+    triples = schedule(tiny_prior.alphas_cumprod, 4, official_shift=False)  # t = 751, 501, 251, 1
+    level, reached = float(tiny_prior.alphas_cumprod[800]), triples[1][1]
+    with torch.no_grad():
+        got = measurement_start(tiny_prior, op, y, inversion, 501, level, c=c, uc=uc,
+                                generator=torch.Generator().manual_seed(5))
+        g = torch.Generator().manual_seed(5)
+        z0 = tiny_prior.encode(op.pinv(y), g)
+        z = rnri(tiny_prior, z0, dataclasses.replace(inversion, start_step=1), c=c, uc=uc, generator=g)
+        n = torch.randn(z.shape, generator=g)
+        other = measurement_start(tiny_prior, op, y, inversion, 501, level, c=c, uc=uc,
+                                  generator=torch.Generator().manual_seed(6))
+    keep = level / reached
+    assert torch.allclose(got, keep ** 0.5 * z + (1 - keep) ** 0.5 * n, atol=1e-5)
+    assert not torch.allclose(got, other, atol=1e-3)
+    with pytest.raises(ConfigError, match="^the inversion must reach at least the noise level of the start: "
+                                          "re-noising only adds noise$"):
+        renoised_inversion(tiny_prior, z0, dataclasses.replace(inversion, start_step=1, prompt_aware=False),
+                           reached * 1.01, c=c, uc=uc)
+
+
+def test_warm_start_under_the_solvers_sampler(bed):
+    """warm_start inverts with the solver's own triples and guidance (here unshifted, w = 3) down to the first step
+    with t ≤ init_invert_t, and re-noises with the generator to the level of the first step with t ≤ init_t:
+    rebuilt from rnri, the unshifted schedule and the generator's next draw."""
+    from treg.inversion import warm_start
+    from treg.operators import build_operator
+    from treg.solvers import TRegConfig
+    prior, _, c, uc = bed
+    op = build_operator("super_resolution", 64, scale=16)
+    y = op.A(load_image(SAMPLES / "cat_1.jpg", 64).double())
+    cfg = TRegConfig(steps=20, cfg_guidance=3.0, official_shift=False, init="inversion", init_t=700, init_invert_t=200)
+    z, first = warm_start(prior, op, y, cfg, c=c, uc=uc, generator=torch.Generator().manual_seed(2))
+    triples = schedule(prior.alphas_cumprod, 20, official_shift=False)  # t = 951, 901, …, 1
+    assert first == 6 and triples[first][0] == 651
+    stop = 16  # t = 151, the first ≤ 200
+    z_s = rnri(prior, prior.encode(op.pinv(y)), InversionConfig(steps=20, cfg_guidance=3.0, official_shift=False,
+                                                                start_step=stop), c=c, uc=uc)
+    keep = triples[first][1] / triples[stop][1]
+    n = torch.randn(z_s.shape, generator=torch.Generator().manual_seed(2)).to(z_s)
+    assert torch.allclose(z, keep ** 0.5 * z_s + (1 - keep) ** 0.5 * n, rtol=1e-10, atol=1e-12)
