@@ -87,3 +87,32 @@ def test_interrupted_latent_write_leaves_no_file(tmp_path, monkeypatch):
         invert_cli.main(["--model", "analytic", "--img_path", ROOT_SAMPLE, "--image_size", "64", "--steps", "3",
                          "--workdir", str(out)])
     assert not [n for n in files_under(out) if n.startswith("latents/")]
+
+
+@pytest.fixture
+def cuda_build_without_gpu(monkeypatch):
+    """torch.accelerator as a CUDA build of torch answers on a machine without a usable GPU (a login node): it names
+    cuda unless asked whether it is available. CI's CPU build answers None to both."""
+    monkeypatch.setattr(torch.accelerator, "current_accelerator",
+                        lambda check_available=False: None if check_available else torch.device("cuda"))
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: False)
+
+
+def test_default_device_without_a_usable_gpu(cuda_build_without_gpu, tmp_path):
+    """The default device is cpu there, and every command that loads a model runs without --device (treg.invert,
+    solve.py, treg.gather's Inception); --device cuda is one line."""
+    import solve
+    from treg import gather, hub
+    assert hub.resolve_device(None) == torch.device("cpu")
+    invert_cli.main(["--model", "analytic", "--img_path", ROOT_SAMPLE, "--image_size", "64", "--steps", "3",
+                     "--workdir", str(tmp_path / "invert")])
+    assert json.loads((tmp_path / "invert/records/00000.json").read_text())["results"]["rnri"]["nfe"] == 2 * 2 * 2
+    solve.main(["--model", "analytic", "--image_size", "64", "--img_path", ROOT_SAMPLE, "--steps", "3",
+                "--workdir", str(tmp_path / "runs/solve")])
+    gather.main([str(tmp_path / "runs")])
+    assert (tmp_path / "runs/summary.md").exists()
+    for main in (invert_cli.main, solve.main):
+        with pytest.raises(SystemExit, match="this machine has no cuda device"):
+            main(["--model", "analytic", "--img_path", ROOT_SAMPLE, "--device", "cuda", "--workdir", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        gather.main([str(tmp_path / "runs"), "--device", "cuda"])

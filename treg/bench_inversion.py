@@ -1,6 +1,8 @@
 """Inversion benchmark: round-trip error, implicit-equation residual, NFE and seconds per image of DDIM inversion,
-FPI and RNRI (K = 2, α = 0.1) at 10/50/200 steps, prompt-aware adjustment off and on, on the analytic prior (64 px,
-the reference's bed, and 512²) and the tiny random SD; then the experimental solver warm start on the exact bed.
+FPI (K = 20 as the official code, and K = 2 at RNRI's cost) and RNRI (K = 2, α = 0.1; its official Euler-coordinate
+step, and the same step in VP latents with a constant α) at 10/50/200 steps, prompt-aware adjustment off and on, on
+the analytic prior (64 px, the reference's bed, and 512²) and the tiny random SD; then the experimental solver warm
+start on the exact bed.
 
     python -m treg.bench_inversion                    # everything, a few minutes on one CPU core
     python -m treg.bench_inversion --seeds 1 --steps 10,50 --skip_warm_start
@@ -25,6 +27,8 @@ import yaml
 from tqdm import tqdm
 
 from treg.analytic import SAMPLES
+from treg.config import ConfigError
+from treg.hub import resolve_device
 from treg.images import load_image
 from treg.invert import evaluate
 from treg.inversion import InversionConfig, invert
@@ -33,7 +37,12 @@ from treg.profiling import PRIOR_PARTS, Profiler
 from treg.runs import cli_args, markdown, mean_interval, write_report
 
 NULL_PROMPT = "out of focus, depth of field"
-METHODS = ("ddim", "fpi", "rnri")
+# (name in the tables, InversionConfig fields): both FPI settings and both RNRI forms
+SETTINGS = (("ddim", {"method": "ddim"}),
+            ("fpi K=20 (official)", {"method": "fpi"}),
+            ("fpi K=2 (rnri's cost)", {"method": "fpi", "iters": 2}),
+            ("rnri euler (official)", {"method": "rnri"}),
+            ("rnri vp (constant α)", {"method": "rnri", "rnri_form": "vp"}))
 
 
 def round_trips(prior, size, cfg, seeds):
@@ -63,17 +72,20 @@ def round_trips(prior, size, cfg, seeds):
     return out
 
 
-def round_trip_table(prior, size, args, grid, bar):
+def round_trip_table(prior, size, args, grid, bar, skip=()):
     """Rows over (steps, adjustment) × method. Seeds are repeated only with the adjustment, whose noise they
-    draw; without it the analytic prior has no randomness and the tiny SD only its VAE sample (one per image)."""
+    draw; without it the analytic prior has no randomness and the tiny SD only its VAE sample (one per image).
+    `skip`: (steps, setting name) pairs left out."""
     rows = []
     with torch.no_grad():  # one untimed call pays the one-off setup (kernels; the analytic prior's means)
         prior.eps(prior.encode(load_image(SAMPLES / "cat_1.jpg", size).to(prior.device)), 1, prior.embed([""]))
     for steps, adjust in grid:
-        for method in METHODS:
-            cfg = InversionConfig(method=method, steps=steps, cfg_guidance=args.cfg_guidance, prompt_aware=adjust)
+        for name, fields in SETTINGS:
+            if (steps, name) in skip:
+                continue
+            cfg = InversionConfig(steps=steps, cfg_guidance=args.cfg_guidance, prompt_aware=adjust, **fields)
             m = round_trips(prior, size, cfg, args.seeds if adjust else 1)
-            rows.append({"steps": steps, "adjust": adjust, "method": method, "n": len(m["nfe"]),
+            rows.append({"steps": steps, "adjust": adjust, "method": name, "n": len(m["nfe"]),
                          **{k: mean_interval(v) for k, v in m.items()}})
             bar.update()
     return rows
@@ -128,28 +140,39 @@ def main(argv=None):
     p.add_argument("--cfg_guidance", type=float, default=2.0, help="w of inversion and regeneration (default: 2)")
     p.add_argument("--skip_warm_start", action="store_true", help="only the round-trip tables")
     p.add_argument("--out", type=Path, default=Path("assets/inversion"), help="writes OUT.md, OUT.json")
+    p.add_argument("--device", help="torch device of the round trips (default: the accelerator, else cpu; the "
+                   "report's seconds are from one CPU core); the warm-start comparison runs on cpu")
     args = p.parse_args(argv)
+    try:
+        device = resolve_device(args.device)
+    except ConfigError as err:
+        sys.exit(f"error: {err}")
     torch.set_num_threads(1)
     steps_list = [int(s) for s in args.steps.split(",") if s]
-    analytic = load_prior("analytic", "cpu")
+    analytic = load_prior("analytic", device)
     with tempfile.TemporaryDirectory() as tmp:
         from treg.tiny import build_tiny_sd
-        tiny = load_prior(str(build_tiny_sd(Path(tmp) / "tiny-sd")), "cpu", torch.float32)
+        tiny = load_prior(str(build_tiny_sd(Path(tmp) / "tiny-sd")), device, torch.float32)
     both = [(s, a) for s in steps_list for a in (False, True)]
     # the tiny SD's 200-step runs with the adjustment would take minutes and add nothing: see its 10/50 rows
-    beds = [("analytic prior, 64 px (latent 4×8×8)", analytic, 64, both),
-            ("analytic prior, 512² (latent 4×64×64)", analytic, 512, [(50, False)]),
-            ("tiny random SD, 64 px", tiny, 64, [(s, a) for s, a in both if s <= 50 or not a])]
-    total = sum(len(grid) * len(METHODS) for _, _, _, grid in beds)
+    # and its FPI-20 beyond 50 steps would take minutes more: no method inverts this random model anyway
+    tiny_skip = {(s, SETTINGS[1][0]) for s in steps_list if s > 50}
+    beds = [("analytic prior, 64 px (latent 4×8×8)", analytic, 64, both, ()),
+            ("analytic prior, 512² (latent 4×64×64)", analytic, 512, [(50, False)], ()),
+            ("tiny random SD, 64 px", tiny, 64, [(s, a) for s, a in both if s <= 50 or not a], tiny_skip)]
+    total = sum(len(grid) * len(SETTINGS) - len(skip) for _, _, _, grid, skip in beds)
     tables, results = [], {}
     with tqdm(total=total, file=sys.stderr, unit="setting") as bar:
-        for title, prior, size, grid in beds:
+        for title, prior, size, grid, skip in beds:
             bar.set_description(title)
-            rows = round_trip_table(prior, size, args, grid, bar)
+            rows = round_trip_table(prior, size, args, grid, bar, skip)
             results[title] = rows
             tables.append(f"### {title}\n\n{format_round_trips(rows)}")
-    text = (f"Round trips, w = {args.cfg_guidance} for inversion and regeneration, K = 2, α = 0.1, official_shift on. "
-            "Mean ± 95% t-interval over n = images × seeds; NFE and s/image of the inversion alone.\n\n"
+    text = (f"Round trips, w = {args.cfg_guidance} for inversion and regeneration, official_shift on, device "
+            f"{device.type}. fpi K=20: the official FPI (FPI/main.py:51); fpi K=2: at RNRI's cost. rnri (K = 2, "
+            "α = 0.1, NewtonRaphsonInversion/main.py:55) euler: the official step (start √(ᾱ/ᾱ')·z', prior weight "
+            "α·√ᾱ); vp: the same step in VP latents (start z', constant α). Mean ± 95% t-interval over n = images "
+            "× seeds; NFE and s/image of the inversion alone.\n\n"
             + "\n\n".join(tables) + "\n")
     report = {"settings": cli_args(args), "round_trips": results}
     if not args.skip_warm_start:

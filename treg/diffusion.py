@@ -5,12 +5,21 @@ Notation: ᾱ_t is `alphas_cumprod[t]`; a DDIM step goes from timestep t (ᾱ = 
 import torch
 
 
-def timesteps(steps, num_train=1000, offset=1):
-    """SD-1.5 DDIM grid, "leading" spacing with `steps_offset`: for 200 steps 996, 991, …, 1."""
+def _leading(steps, num_train, offset):
     if not 1 <= steps <= num_train:
         raise ValueError(f"steps must be in [1, {num_train}], got {steps}")
     ratio = num_train // steps
     return [ratio * i + offset for i in reversed(range(steps))]
+
+
+def timesteps(steps, num_train=1000, offset=1):
+    """SD-1.5 DDIM grid, "leading" spacing with `steps_offset`: for 200 steps 996, 991, …, 1.
+
+    At steps = num_train the grid's top is t = num_train, past the last trained timestep: diffusers' DDIMScheduler
+    lists it too (set_timesteps(1000): 1000, 999, …, 1) and then fails in its own step() on alphas_cumprod[1000], so
+    there is nothing to agree with. It is clamped to num_train − 1: 1000 steps are 999, 999, 998, …, 1 (the model's
+    domain is [0, num_train); what the repeated 999 means for the levels is in `schedule`)."""
+    return [min(t, num_train - 1) for t in _leading(steps, num_train, offset)]
 
 
 def schedule(alphas_cumprod, steps, official_shift=True):
@@ -19,17 +28,18 @@ def schedule(alphas_cumprod, steps, official_shift=True):
     official_shift=True reproduces the official TReg code, which prepends 1.0 to `alphas_cumprod`: the UNet is
     told t while the update uses ᾱ_{t-1} and ᾱ_{t-1-skip}, and the last step (t = 1) becomes a no-op with
     ᾱ = ᾱ' = ᾱ_0. official_shift=False is diffusers' DDIMScheduler convention (ᾱ_t, ᾱ_{t-skip}).
+
+    Levels come from the unclamped grid, and an index past the last trained timestep is clamped (see `timesteps`).
+    At 1000 steps with the shift that keeps the official code's levels ᾱ_999, ᾱ_998, …, ᾱ_0 exactly (its shifted
+    array has 1001 entries), the first step telling the model t = 999 where the official code tells it 1000, which
+    no prior here is defined at. Without the shift, ᾱ_1000 does not exist: the first step runs from ᾱ_999 to ᾱ_999,
+    a no-op, and the other 999 are diffusers' steps t = 999, …, 1.
     """
     ac = alphas_cumprod.double().cpu()
-    final = ac[0].item()
-    shift = 1 if official_shift else 0
-    skip = len(ac) // steps
-    out = []
-    for t in timesteps(steps, len(ac)):
-        a = ac[t - shift].item()
-        prev = t - skip - shift
-        out.append((t, a, ac[prev].item() if prev >= 0 else final))
-    return out
+    n, shift = len(ac), 1 if official_shift else 0
+    skip = n // steps
+    level = lambda k: ac[min(k, n - 1)].item() if k >= 0 else ac[0].item()
+    return [(min(t, n - 1), level(t - shift), level(t - skip - shift)) for t in _leading(steps, n, 1)]
 
 
 def tweedie(z, eps, a):

@@ -26,6 +26,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 
 from treg import fid, hub
+from treg.config import ConfigError
 from treg.images import atomic_write
 from treg.metrics import MetricUnavailable
 from treg.runs import fmt, markdown, write_text
@@ -47,6 +48,7 @@ def parse_args(argv=None):
     p.add_argument("--lines", default="null_lr", help="setting with one plot line per value (default: %(default)s)")
     p.add_argument("--no_fid", action="store_true",
                    help="skip FID/KID even where pytorch-fid and its weights are present")
+    p.add_argument("--device", help="torch device of FID's Inception network (default: the accelerator, else cpu)")
     return p.parse_args(argv)
 
 
@@ -188,12 +190,16 @@ def main(argv=None):
     args = parse_args(argv)
     if not args.root.is_dir():
         fail(f"{args.root} is not a folder")
+    try:
+        device = hub.resolve_device(args.device)
+    except ConfigError as err:
+        fail(err)
     rows, labels, names = load_rows(args.root)
     if not rows:
         fail(f"no run.json under {args.root} (run solve.py with --workdir {args.root}/NAME first)")
     if not args.no_fid:
         try:
-            add_set_metrics(rows, labels, fid.load_inception(hub.resolve_device(None)))
+            add_set_metrics(rows, labels, fid.load_inception(device))
         except MetricUnavailable as err:
             print(f"note: FID/KID skipped: {err}", file=sys.stderr)
     found = {k for r in rows for k in r["metrics"]}

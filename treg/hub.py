@@ -103,11 +103,13 @@ def load(cls, source, local_only, what, weights=True, **kwargs):
 
 def resolve_device(name, state=None):
     """The torch device for --device (None: this process's accelerator under `accelerate launch`, else this
-    machine's accelerator, else cpu), or ConfigError if this machine has no such device. `state`: accelerate's
-    PartialState, or None outside a launch."""
+    machine's usable accelerator, else cpu), or ConfigError if this machine has no such device. `state`:
+    accelerate's PartialState, or None outside a launch."""
     if name is None:
         launched = state is not None and state.num_processes > 1
-        return torch.device((state.device if launched else None) or torch.accelerator.current_accelerator() or "cpu")
+        # check_available: a CUDA build of torch names cuda even where no GPU or driver is (a login node)
+        usable = torch.accelerator.current_accelerator(check_available=True)
+        return torch.device((state.device if launched else None) or usable or "cpu")
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError):

@@ -11,6 +11,8 @@ The methods differ only in how they solve it per step, walking the schedule back
     ddim_inversion  F(z'): ε̂ evaluated at the wrong point, 1 ε̂ call per step;
     fixed_point     u ← F(u), K times from u = z' (FPI: Samuel et al., arXiv 2312.12540 v1), K calls per step;
     rnri            regularised scalar Newton steps (RNRI), K calls per step, best candidate kept.
+K defaults to each method's official value: 20 for FPI (FPI/main.py:51, `num_iter=20`), 2 for RNRI
+(NewtonRaphsonInversion/main.py:55, `inv_hp = [2, 0.1, 0.2]`); iters = 2 for FPI is the equal-cost comparison.
 With official_shift the last step is a no-op (ᾱ = ᾱ'), whose inverse is the identity: no ε̂ call.
 
 Each function has the signature fn(prior, z0, cfg, *, c, uc, generator=None, callback=None) -> z: z0 (B,C,h,w)
@@ -33,11 +35,20 @@ class InversionConfig:
     steps: int = bounded(50, 1, 1000)           # DDIM steps of the regenerating sampler (FPI/RNRI on SD: 50)
     cfg_guidance: float = bounded(2.0, 0, 100)  # w of inversion and regeneration (FPI/main.py:39-40: 2 for real images)
     official_shift: bool = True                 # TReg's ᾱ_{t-1} indexing (see treg.diffusion.schedule)
-    iters: int = bounded(2, 1, 1000)            # K, ε̂ calls per step of fpi/rnri (NewtonRaphsonInversion/main.py:55)
+    iters: int | None = bounded(None, 1, 1000)  # K, ε̂ calls per step of fpi/rnri; None: the method's official K
     alpha: float = bounded(0.1, 0, 1e6)         # RNRI's weight of the prior term (NewtonRaphsonInversion/main.py:55)
+    rnri_form: str = one_of("euler", ("euler", "vp"))  # RNRI's step as the official code takes it, or in VP (rnri)
     start_step: int = bounded(0, 0, 999)        # invert only sampler steps ≥ start_step (partial inversion)
     prompt_aware: bool = False                  # img2img the clean latent with the prompt first (FPI/main.py:46-47)
     adjust_strength: float = bounded(0.05, 0, 1, low_open=True)  # share of the steps that adjustment runs (FPI: 0.05)
+
+
+OFFICIAL_ITERS = {"fpi": 20, "rnri": 2}
+
+
+def iterations(cfg):
+    """K of cfg: its `iters`, or the method's official value."""
+    return OFFICIAL_ITERS[cfg.method] if cfg.iters is None else cfg.iters
 
 
 def implicit_map(prior, z_next, t, a, a_prev, c, uc, w):
@@ -69,8 +80,9 @@ def prompt_aware_adjustment(prior, z0, cfg, *, c, uc, generator=None):
     a = triples[first][1]
     z = a ** 0.5 * z0 + (1 - a) ** 0.5 * randn(z0.shape, generator, z0.device).to(z0)
     for t, a, a_prev in triples[first:]:
-        eps = guided_eps(prior, z, t, uc, c, cfg.cfg_guidance)
-        z = ddim_step(tweedie(z, eps, a), eps, a_prev)
+        if a != a_prev:  # the official shift's last step is a no-op: no ε̂ call for it
+            eps = guided_eps(prior, z, t, uc, c, cfg.cfg_guidance)
+            z = ddim_step(tweedie(z, eps, a), eps, a_prev)
     return z
 
 
@@ -96,7 +108,7 @@ def fixed_point(prior, z0, cfg, *, c, uc, generator=None, callback=None):
         if a != a_prev:
             # K fixed-point iterations u ← F(u) from u = z' (the first one is DDIM inversion)
             F = implicit_map(prior, z_next, t, a, a_prev, c, uc, cfg.cfg_guidance)
-            for _ in range(cfg.iters):
+            for _ in range(iterations(cfg)):
                 z = F(z)
         if callback:
             callback({"i": i, "steps": cfg.steps, "t": t, "z": z, "z_next": z_next})
@@ -111,20 +123,30 @@ def rnri_loss(f, u, z0, a, alpha):
 
 @torch.no_grad()
 def rnri(prior, z0, cfg, *, c, uc, generator=None, callback=None):
+    """RNRI. rnri_form "euler" is the official step (NewtonRaphsonInversion/src/sdxl_inversion_pipeline.py:329-352)
+    written in this project's VP latents z = √ᾱ·x, x the official Euler (VE) latent x = z0 + φ(ᾱ)·ε: there the
+    iterate starts at the known later latent x' (:330), which is u⁰ = √(ᾱ/ᾱ')·z' here; its loss |F − x| −
+    α·log N(F; z0, φ(ᾱ)²) (:305-316, :339) is ℓ/√ᾱ with ℓ = rnri_loss at prior weight α·√ᾱ, so its selection (:343)
+    and its step x ← x − (L/D)/∂L/∂x (:348; D = 64·64·4 there, one image's latent size, per image here) are
+    rnri_loss's with that weight. "vp" takes the step in VP latents instead: u⁰ = z' (so candidate 0 is DDIM inversion) and the constant weight α, a prior term up to 1/√ᾱ = 13×
+    stronger at high noise (t = 981 of 50 steps). Measured against each other in assets/inversion.md."""
     # 1. clean latent, optionally prompt-adjusted; it also anchors the prior term of the loss
     z0, c, uc = _prepare(prior, z0, cfg, c, uc, generator)
     z = z0
+    euler = cfg.rnri_form == "euler"
     per_image = lambda x: x.flatten(1).mean(1).view(-1, *[1] * (x.dim() - 1))
     for i, t, a, a_prev in _steps(prior, cfg):
         z_next = z
         if a != a_prev:
-            # 2. K regularised Newton iterations on z = F(z) from u⁰ = z', one ε̂ call each
+            # 2. K regularised Newton iterations on z = F(z), one ε̂ call each
             F = implicit_map(prior, z_next, t, a, a_prev, c, uc, cfg.cfg_guidance)
-            u, best, best_loss, first_loss = z_next, None, None, None
-            for _ in range(cfg.iters):
+            weight = cfg.alpha * a ** 0.5 if euler else cfg.alpha
+            u = (a / a_prev) ** 0.5 * z_next if euler else z_next
+            best, best_loss, first_loss = None, None, None
+            for _ in range(iterations(cfg)):
                 f = F(u)
-                loss = per_image(rnri_loss(f, u, z0, a, cfg.alpha))  # mean ℓ per image = L/D
-                # keep the candidate F(u^k) with the smallest mean ℓ, per image (candidate 0 is DDIM inversion)
+                loss = per_image(rnri_loss(f, u, z0, a, weight))  # mean ℓ per image = L/D
+                # keep the candidate F(u^k) with the smallest mean ℓ, per image
                 if best is None:
                     best, best_loss, first_loss = f, loss, loss
                 else:
@@ -136,7 +158,7 @@ def rnri(prior, z0, cfg, *, c, uc, generator=None, callback=None):
             # 3. the step's answer is the kept candidate F(u^k), not the last iterate
             z = best
         if callback:
-            losses = {} if a == a_prev else {"loss": best_loss.flatten(), "ddim_loss": first_loss.flatten()}
+            losses = {} if a == a_prev else {"loss": best_loss.flatten(), "first_loss": first_loss.flatten()}
             callback({"i": i, "steps": cfg.steps, "t": t, "z": z, "z_next": z_next, **losses})
     return z
 

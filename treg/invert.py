@@ -27,7 +27,7 @@ from tqdm import tqdm
 from treg import hub, runs
 from treg.config import ConfigError, build
 from treg.images import ImageError, atomic_write, grid, list_images, load_image, save_image
-from treg.inversion import METHODS, InversionConfig, implicit_residual, invert, regenerate
+from treg.inversion import METHODS, OFFICIAL_ITERS, InversionConfig, implicit_residual, invert, regenerate
 from treg.metrics import psnr
 from treg.prior import DEFAULT_MODEL, PriorUnavailable, load_prior
 from treg.profiling import PRIOR_PARTS, Profiler
@@ -67,8 +67,11 @@ def parse_args(argv=None):
     a("--steps", type=int, default=defaults.steps, help="DDIM steps of the regenerating sampler (default: %(default)s)")
     a("--cfg_guidance", type=float, default=defaults.cfg_guidance,
       help="guidance w of inversion and regeneration (default: %(default)s, FPI's value for real images)")
-    a("--iters", type=int, default=defaults.iters, help="K, noise predictions per step of fpi/rnri (default: %(default)s)")
+    a("--iters", type=int, help="K, noise predictions per step of fpi/rnri (default: each method's official K, "
+      f"{', '.join(f'{m} {k}' for m, k in OFFICIAL_ITERS.items())}; fpi with 2 costs what rnri does)")
     a("--alpha", type=float, default=defaults.alpha, help="RNRI's prior weight α (default: %(default)s)")
+    a("--rnri_form", default=defaults.rnri_form, help="RNRI's step: euler, as the official code takes it, or vp, "
+      "with a constant prior weight from u = z' (default: %(default)s)")
     a("--start_step", type=int, default=0, help="invert only sampler steps ≥ this one (partial inversion; "
       "default: 0, the whole way to pure noise)")
     a("--diffusers_shift", action="store_true", help="diffusers' ᾱ_t indexing instead of the official TReg code's "
@@ -95,7 +98,7 @@ def configs(args):
     for name in names:
         cfg = build(InversionConfig, {"method": name, "steps": args.steps, "cfg_guidance": args.cfg_guidance,
                                       "official_shift": not args.diffusers_shift, "iters": args.iters,
-                                      "alpha": args.alpha, "start_step": args.start_step,
+                                      "alpha": args.alpha, "rnri_form": args.rnri_form, "start_step": args.start_step,
                                       "prompt_aware": args.prompt_aware}, "flags")
         if cfg.start_step >= cfg.steps:
             raise ConfigError(f"--start_step must be below --steps ({cfg.steps}), got {cfg.start_step}")
