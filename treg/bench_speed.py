@@ -236,6 +236,20 @@ def profile_tiny(solver, steps, size, folder, repeats=1):
     return report
 
 
+def count_calls(solver, schedule_steps, size, folder):
+    """The Profiler's call counts (and NFE) of `solver`'s schedule on the tiny model: counted directly up to 6
+    steps; for longer schedules the counts of 3 and 6 steps extrapolated linearly (one-off calls plus a per-step
+    rate), since a 200-step count costs minutes on a loaded CPU. TReg's data-consistency steps then count at their
+    3-step rate, 1 in 3, where its 200-step schedule has 57 (dc_until stops them at 85%)."""
+    if schedule_steps <= 6:
+        return profile_tiny(solver, schedule_steps, size, folder)
+    three, six = profile_tiny(solver, 3, size, folder), profile_tiny(solver, 6, size, folder)
+    per_step = lambda a, b: a + (schedule_steps - 3) * (b - a) / 3
+    labels = set(three["calls"]) | set(six["calls"])
+    return {"calls": {k: per_step(three["calls"].get(k, 0), six["calls"].get(k, 0)) for k in labels},
+            "nfe": per_step(three["nfe"], six["nfe"])}
+
+
 def components(args):
     """The real-size report from the parts: each model call measured once at --image_size on the model of --model
     (seconds and peak RSS), and each solver's time per image composed from them (see compose)."""
@@ -289,23 +303,29 @@ def composed(args, folder):
     except (OSError, ValueError, KeyError) as err:
         raise SystemExit(f"error: --compose {args.compose}: not a --components report ({type(err).__name__})")
     solvers = [s for s in args.solvers.split(",") if s] if args.solvers else list(SOLVERS)
+    try:  # the tiny benchmark's seconds outside the models per step, at the same image and latent sizes
+        tiny = json.loads(Path(args.outside_from).read_text())
+        outside_per_step = {k: (v["operator_s"] + v["other_s"]) / tiny["settings"]["steps"]
+                            for k, v in tiny["solvers"].items()} if tiny["settings"]["image_size"] == size else {}
+    except (OSError, ValueError, KeyError) as err:
+        raise SystemExit(f"error: --outside_from {args.outside_from}: not a bench_speed report ({type(err).__name__})")
     rows, refused = {}, {}
     for solver in solvers:
         schedule_steps = yaml.safe_load((ROOT / f"configs/solver/{solver}.yaml").read_text())["steps"]
         before = load()
         try:
-            counted = profile_tiny(solver, schedule_steps, args.count_size, folder)
-            outside = profile_tiny(solver, args.steps, size, folder)["seconds_outside_per_step"]
+            counted = count_calls(solver, schedule_steps, args.count_size, folder)
         except ConfigError as err:  # ddrm on Stable Diffusion: the decoder is nonlinear
             refused[solver] = str(err).splitlines()[0]
             continue
-        result = compose(measured, {**counted, "seconds_outside_per_step": outside}, schedule_steps)
+        outside = outside_per_step.get(solver)
+        result = compose(measured, {**counted, "seconds_outside_per_step": outside or 0.0}, schedule_steps)
         if result is None:
             rows[solver] = {"schedule_steps": schedule_steps, "note": "a part it calls was not measured"}
             continue
         total, out = result
         rows[solver] = {"schedule_steps": schedule_steps, "nfe": counted["nfe"], "s_per_step": total / schedule_steps,
-                        "s_per_image": total, "outside_models_%": 100 * out / total,
+                        "s_per_image": total, "outside_models_%": None if outside is None else 100 * out / total,
                         "outside_s_per_step": outside, "load": f"{before}→{load()}"}
         print(f"{solver}: {rows[solver]}", file=sys.stderr)
     free = model_free_parts(size)
@@ -314,9 +334,10 @@ def composed(args, folder):
             f"(model {parts['settings']['model']}, {size}², {parts['settings']['threads']} threads) × the calls "
             f"its schedule makes (counted on the tiny model at {args.count_size}²), UNet backward passes at the "
             "mean batch of its forwards, plus the seconds outside the models (operator, CG, Adam, latent "
-            f"arithmetic: measured on the tiny model over {args.steps} steps at {size}², the same image and latent "
-            "sizes; load = the 1-minute load average before→after) per step × the steps. outside_models_% is that "
-            "outside share of the composed time: the distance to the model-call floor.\n\n"
+            f"arithmetic) per step from {args.outside_from} (the tiny model at {size}², the same image and latent "
+            "sizes; – where it has no such row: then the time is the models' alone) × the steps; load = the "
+            "1-minute load average before→after counting. outside_models_% is that outside share of the composed "
+            "time: the distance to the model-call floor.\n\n"
             + markdown_table(rows, ["schedule_steps", "nfe", "s_per_step", "s_per_image", "outside_models_%",
                                     "outside_s_per_step", "load"])
             + "".join(f"\n\n{solver} does not run on Stable Diffusion: {why}" for solver, why in refused.items())
@@ -324,7 +345,7 @@ def composed(args, folder):
             + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in free.items()) + "\n")
     write_report(args.out, text, {"composed": rows, "refused": refused, "parts_s": measured, "model_free_s": free,
                                   "settings": {"parts": str(args.compose), "image_size": size,
-                                               "count_size": args.count_size, "steps_outside": args.steps,
+                                               "count_size": args.count_size, "outside_from": str(args.outside_from),
                                                "threads": torch.get_num_threads()}})
     print(text)
 
@@ -347,7 +368,10 @@ def main(argv=None):
                    "with gradient checkpointing")
     p.add_argument("--compose", type=Path, help="a --components report's JSON: compose each solver's time per "
                    "image from it (tiny-model call counts; no full-size model needed)")
-    p.add_argument("--count_size", type=int, default=64, help="with --compose: image size of the tiny-model runs "
+    p.add_argument("--outside_from", type=Path, default=ROOT / "assets/speed.json", help="with --compose: the "
+                   "tiny benchmark's report whose seconds outside the models per step are used (default: "
+                   "%(default)s)")
+    p.add_argument("--count_size", type=int, default=32, help="with --compose: image size of the tiny-model runs "
                    "that count each schedule's calls (default: %(default)s)")
     args = p.parse_args(argv)
     if args.compose:
