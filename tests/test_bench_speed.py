@@ -23,3 +23,41 @@ def test_bench_speed_reports_breakdown_nfe_and_memory(tmp_path, capsys):
     assert "linear map" in report["refused"]["ddrm"]  # Stable Diffusion's decoder is nonlinear
     printed = capsys.readouterr().out
     assert printed == out.with_suffix(".md").read_text() + "\n" and "| dps |" in printed
+
+
+def test_compose_counts_a_dps_schedule_and_adds_its_parts(tmp_path):
+    """The tiny model's call counts for DPS at w = 0 (one noise prediction, one UNet and one decoder backward per
+    step, plus the final decode), and the composed time written out from them by hand."""
+    counted = bench_speed.profile_tiny("dps", 2, 32, tmp_path)
+    assert counted["calls"]["unet"] == counted["nfe"] == 2 and counted["calls"]["unet_backward"] == 2
+    assert counted["calls"]["vae_decode"] == 3 and counted["calls"]["vae_decode_backward"] == 2
+    parts = {"unet_b1": 1.0, "unet_b2_cfg": 1.9, "unet_fwd_bwd_b1": 3.0, "vae_decode": 10.0,
+             "vae_decode_fwd_bwd": 30.0}
+    total, outside = bench_speed.compose(parts, {**counted, "seconds_outside_per_step": 0.5}, 2)
+    assert outside == 1.0 and abs(total - (2 * 1.0 + 2 * 2.0 + 3 * 10.0 + 2 * 20.0 + 1.0)) < 1e-9
+    # DDIM at its YAML w = 4: one CFG call of two latents per step, no backward
+    ddim = bench_speed.profile_tiny("ddim", 2, 32, tmp_path)
+    total, _ = bench_speed.compose(parts, {**ddim, "seconds_outside_per_step": 0.0}, 2)
+    assert ddim["nfe"] == 4 and abs(total - (2 * 1.9 + 10.0)) < 1e-9
+    assert bench_speed.compose({"unet_b1": 1.0}, {**counted, "seconds_outside_per_step": 0.0}, 2) is None
+
+
+def test_components_and_compose_reports_on_the_tiny_model(tmp_path):
+    from treg.tiny import build_tiny_sd
+    model = build_tiny_sd(tmp_path / "tiny")
+    parts = tmp_path / "parts"
+    bench_speed.main(["--components", "--model", str(model), "--image_size", "64", "--out", str(parts),
+                      "--parts", "unet_b1,unet_b2_cfg,vae_decode,vae_decode_fwd_bwd", "--checkpointing"])
+    report = json.loads(parts.with_suffix(".json").read_text())
+    assert set(report["parts"]) == {"unet_b1", "unet_b2_cfg", "vae_decode", "vae_decode_fwd_bwd",
+                                    "vae_decode_fwd_bwd + checkpointing"}
+    weights = report["settings"]["weights_rss_mb"]
+    assert all(v["seconds"] > 0 and v["peak_rss_mb"] >= weights * 0.9 for v in report["parts"].values())
+    out = tmp_path / "composed"
+    bench_speed.main(["--compose", str(parts.with_suffix(".json")), "--solvers", "ddim,dps,ddrm",
+                      "--count_size", "32", "--out", str(out)])
+    composed = json.loads(out.with_suffix(".json").read_text())
+    assert composed["composed"]["ddim"]["s_per_image"] > 0 and composed["composed"]["ddim"]["nfe"] == 400
+    assert "not measured" in composed["composed"]["dps"]["note"]  # its UNet backward was not among --parts
+    assert "linear map" in composed["refused"]["ddrm"]
+    assert composed["model_free_s"]["cg_prox_s"] > 0

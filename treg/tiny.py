@@ -5,11 +5,18 @@ and about 1.6M parameters, so the whole CLI and every solver can be exercised on
 Its images are meaningless. Usage: `python -m treg.tiny DIR` writes a folder that `--model DIR` loads;
 `python -m treg.tiny --pixel DIR` writes a tiny unconditional pixel model instead (UNet2DModel and DDPMScheduler,
 the layout of google/ddpm-celebahq-256), a pixel prior (treg.pixel).
+
+`python -m treg.tiny --full-size DIR` writes a random model of SD-1.5's real size instead: its exact UNet, VAE and
+CLIP ViT-L/14 text-encoder configs, the ViT-L/14 image encoder of adaptive negation, its scheduler config and a
+tokenizer with CLIP's 49408 entries (made-up merges: no vocabulary can be downloaded, and speed and memory do not
+depend on which strings the tokens stand for). Its weights are random, so it costs what SD-1.5 costs and draws
+noise. About 2.2 GB in fp16 safetensors (the default; --fp32 doubles it).
 """
 import argparse
 import json
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -76,6 +83,89 @@ def build_tiny_sd(folder, seed=0):
     return folder
 
 
+CLIP_VOCAB = 49408  # CLIP's BPE: 256 bytes, 256 end-of-word bytes, 48894 merges, 2 special tokens
+
+
+def write_clip_sized_tokenizer_files(folder):
+    """vocab.json and merges.txt of CLIP's size (49408 entries) without CLIP's vocabulary: the merges pair byte
+    characters in a fixed order (a+b, then a+b</w>), so every merge result is in the vocabulary."""
+    chars = _byte_chars()
+    n_merges = CLIP_VOCAB - 2 * len(chars) - 2
+    pairs = [(a, b + end) for end in ("", "</w>") for a in chars for b in chars][:n_merges]
+    tokens = chars + [c + "</w>" for c in chars] + [a + b for a, b in pairs] + ["<|startoftext|>", "<|endoftext|>"]
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(tokens)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in pairs) + "\n")
+
+
+# SD-1.5's component configs (stable-diffusion-v1-5/stable-diffusion-v1-5: unet/, vae/, text_encoder/ config.json,
+# scheduler/scheduler_config.json) and openai/clip-vit-large-patch14's vision tower; every other field is the
+# library default, which equals the published file.
+SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+                 block_out_channels=(320, 640, 1280, 1280),
+                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+                 cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32, norm_eps=1e-5)
+SD15_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
+                block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32, sample_size=512, scaling_factor=0.18215)
+SD15_TEXT = dict(vocab_size=CLIP_VOCAB, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                 num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+                 projection_dim=768)
+CLIP_L14_VISION = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                       image_size=224, patch_size=14, projection_dim=768, hidden_act="quick_gelu", layer_norm_eps=1e-5)
+SD15_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                      clip_sample=False, set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1)
+
+
+def full_size_parts():
+    """{name: constructor} of the full-size models; call each under `torch.device("meta")` to count without
+    allocating."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
+    # SD's published special ids 0/1/2 (stale, unlike the tokenizer's): with eos_token_id 2 the encoder pools at
+    # the highest id, which is <|endoftext|> in both vocabularies
+    text = CLIPTextConfig(**SD15_TEXT, bos_token_id=0, eos_token_id=2, pad_token_id=1)
+    return {"unet": lambda: UNet2DConditionModel(**SD15_UNET), "vae": lambda: AutoencoderKL(**SD15_VAE),
+            "text_encoder": lambda: CLIPTextModel(text),
+            "image_encoder": lambda: CLIPVisionModelWithProjection(CLIPVisionConfig(**CLIP_L14_VISION))}
+
+
+def build_full_size_sd(folder, seed=0, dtype=torch.float16, log=print, device="cpu"):
+    """Write a random SD-1.5-sized folder (one model in memory at a time, initialised on `device`: an accelerator
+    draws the 1.37 G random values in seconds) and return its path."""
+    from transformers import CLIPTokenizer
+    from transformers.utils import logging as transformers_logging
+
+    folder = Path(folder)
+    transformers_logging.disable_progress_bar()
+    for k, (name, make) in enumerate(full_size_parts().items()):
+        start = time.perf_counter()
+        torch.manual_seed(seed + k)
+        with torch.device(device):
+            model = make().to(dtype)
+        model.save_pretrained(folder / name)
+        log(f"{name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, "
+            f"{time.perf_counter() - start:.0f} s")
+        del model
+    write_clip_sized_tokenizer_files(folder / "tokenizer")
+    CLIPTokenizer.from_pretrained(folder / "tokenizer", model_max_length=77).save_pretrained(folder / "tokenizer")
+    # SD-1.5's file as published: a PNDM config that also carries DDIM's clip_sample (which PNDM does not take)
+    (folder / "scheduler").mkdir(parents=True, exist_ok=True)
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+        {"_class_name": "PNDMScheduler", **SD15_SCHEDULER, "trained_betas": None}, indent=2))
+    (folder / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionPipeline", "scheduler": ["diffusers", "PNDMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}))
+    return folder
+
+
+def folder_bytes(folder):
+    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
+
+
 def build_tiny_pixel(folder, seed=0):
     """Write a tiny DDPM-pipeline folder (unet: UNet2DModel, scheduler: DDPMScheduler, ~0.2M parameters)."""
     from diffusers import DDPMScheduler, UNet2DModel
@@ -95,12 +185,28 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m treg.tiny", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("folder", type=Path, help="output folder (created; an existing model folder is overwritten)")
-    p.add_argument("--pixel", action="store_true", help="a tiny unconditional pixel model instead of a tiny SD")
+    kind = p.add_mutually_exclusive_group()
+    kind.add_argument("--pixel", action="store_true", help="a tiny unconditional pixel model instead of a tiny SD")
+    kind.add_argument("--full-size", action="store_true",
+                      help="a random model of SD-1.5's real size (~1.07 G parameters with the image encoder)")
+    p.add_argument("--fp32", action="store_true", help="with --full-size: fp32 weights (default: fp16)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: %(default)s)")
     args = p.parse_args(argv)
     if args.folder.exists() and not args.folder.is_dir():
         sys.exit(f"error: {args.folder} is a file, not a folder")
+    if args.fp32 and not args.full_size:
+        sys.exit("error: --fp32 applies only with --full-size")
     try:
+        if args.full_size:
+            from treg.hub import quiet_libraries
+            quiet_libraries()  # diffusers' note on casting with to(): these models keep no module in fp32
+            start = time.perf_counter()
+            dtype = torch.float32 if args.fp32 else torch.float16
+            folder = build_full_size_sd(args.folder, args.seed, dtype, log=lambda line: print(line, file=sys.stderr))
+            print(f"{folder}: {folder_bytes(folder) / 1e9:.2f} GB on disk, {time.perf_counter() - start:.0f} s",
+                  file=sys.stderr)
+            print(folder)
+            return
         print((build_tiny_pixel if args.pixel else build_tiny_sd)(args.folder, args.seed))
     except OSError as err:
         sys.exit(f"error: cannot write {err.filename or args.folder}: {err.strerror or err}")
