@@ -368,7 +368,7 @@ def main(argv=None):
                    "with gradient checkpointing")
     p.add_argument("--compose", type=Path, help="a --components report's JSON: compose each solver's time per "
                    "image from it (tiny-model call counts; no full-size model needed)")
-    p.add_argument("--outside_from", type=Path, default=ROOT / "assets/speed.json", help="with --compose: the "
+    p.add_argument("--outside_from", type=Path, default=Path("assets/speed.json"), help="with --compose: the "
                    "tiny benchmark's report whose seconds outside the models per step are used (default: "
                    "%(default)s)")
     p.add_argument("--count_size", type=int, default=32, help="with --compose: image size of the tiny-model runs "
