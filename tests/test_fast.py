@@ -14,7 +14,8 @@ from scipy.integrate import quad
 from treg.analytic import AnalyticPrior, load_image
 from treg.config import ConfigError, load_solver
 from treg.diffusion import cfg as guided_eps, ddim_step, randn, tweedie
-from treg.fast import cci_coefficients, cci_table, gain_solver, pigdm_guidance, start_grid
+from treg.fast import (cci_basis, cci_coefficients, cci_table, gain_solver, pigdm_guidance, start_grid,
+                       with_noise)
 from treg.latent_ops import latent_operator, projector
 from treg.operators import build_operator
 from treg.pixel import AnalyticPixelPrior
@@ -65,6 +66,12 @@ def test_c1_closed_form_coefficients_match_quadrature_of_the_official_integrands
             # b = u² removes the 1/√b singularity of the σ⁻¹ integrands at 0
             value = quad(lambda u: 2 * u * f(u * u), 0, b ** 0.5, epsabs=1e-13, epsrel=1e-13, limit=200)[0]
             assert abs(phi[key] - value) <= 1e-9, (key, b, phi[key], value)
+
+
+def test_start_grid_is_uniform_in_k_from_k_start_down():
+    """k_n = round(k_start·(1 − n/N)), n < N, written out: 566 → 566, 452.8, 339.6, 226.4, 113.2 for N = 5."""
+    assert start_grid(566, 5) == [566, 453, 340, 226, 113]
+    assert start_grid(999, 1) == [999] and start_grid(3, 3) == [3, 2, 1]
 
 
 def test_c2_with_w_zero_cci_is_ddim_from_the_same_start(bed):
@@ -131,12 +138,13 @@ def fine_schedule(prior, k_start, length):
 def test_c4_cci_converges_to_the_exponential_euler_solution_of_the_same_ode(bed):
     """The same guided ODE by two integrators: CCI and the non-conjugate exponential Euler
     x̄ = x/μ, x̄ += Δρ·ε̂ + w·Δμ·(∂x̂0/∂x)ᵀm that pigdm is with σ_y = 0 (1200 steps): CCI approaches it at first
-    order as its steps grow (measured: 4.9e-3 at 100 steps, 1.5e-3 at 300)."""
+    order as its steps grow (measured: 4.9e-3 at 100 steps, 1.5e-3 at 300). pigdm with C-ΠGDM's weighting w·r²·μ², the
+ODE cci integrates."""
     prior, op, y, uc, c = bed
     fine = fine_schedule(prior, 11320, 20000)
     solve = lambda name, steps, **kw: run(name, fine, op, y, uc, c, w=15.0, steps=steps, k_start=11320,
                                           cfg_guidance=4.0, **kw)
-    reference = solve("pigdm", 1200, sigma_y=0.0)
+    reference = solve("pigdm", 1200, sigma_y=0.0, weighting="cpigdm")
     error = {n: ((solve("cci", n) - reference).norm() / reference.norm()).item() for n in (100, 300)}
     assert error[300] <= 2e-3 and error[100] >= 2 * error[300], error
 
@@ -147,7 +155,8 @@ def test_c5_few_steps_land_in_the_prompted_component_at_the_noise_floor(bed, sig
     solve lands in the measured image's group with residual ≤ 1.5× the noise floor, at least 10 of the 12 in the
     prompted component (posterior weight ≥ 0.9; the reference's prototype saw 12 of 12 on its seeds, here one
     solver seed lands on the other detail at some N), and CCI-5 fits y at least as well as 5 exponential-Euler
-    ΠGDM steps; in the noiseless form (the reference's) and with y's noise modelled."""
+    steps of the same ODE (pigdm with weighting cpigdm); in the noiseless form (the reference's) and with y's noise
+    modelled."""
     prior, op, _, uc, _ = bed
     captions = ["a photo of a cat", "a cup of coffee on a wooden table"]
     residuals, hits = {}, {}
@@ -161,8 +170,9 @@ def test_c5_few_steps_land_in_the_prompted_component_at_the_noise_floor(bed, sig
                 post = exact_posterior(prior, op, y, prompt, 0.01)
                 c = prior.embed([prompt]).double()
                 for method, steps in [("cci", 5), ("cci", 10), ("cci", 20), ("pigdm", 5)]:
+                    same_ode = {"weighting": "cpigdm"} if method == "pigdm" else {}
                     out = run(method, prior, op, y, uc, c, seed=10 + seed, steps=steps, w=15.0, k_start=399,
-                              cfg_guidance=5.0, sigma_y=sigma_y)
+                              cfg_guidance=5.0, sigma_y=sigma_y, **same_ode)
                     k, weight = landed_component(prior, out, post)
                     residual = residual_norm(op, y, out).item() / floor
                     residuals.setdefault((method, steps), []).append(residual)
@@ -175,7 +185,7 @@ def test_c5_few_steps_land_in_the_prompted_component_at_the_noise_floor(bed, sig
     assert mean[("cci", 5)] <= mean[("pigdm", 5)], mean
 
 
-# --- y's noise: the exact N-C-ΠGDM in H's SVD basis -----------------------------------------------------------------
+# --- y's noise: ΠGDM's noisy guidance integrated exactly in H's SVD basis ------------------------------------------
 
 
 def test_noisy_coefficients_match_adaptive_quadrature():
@@ -218,16 +228,55 @@ def test_noisy_cci_converges_to_noisy_pigdm(bed):
     x = load_image(ROOT / "samples/cat_1.jpg", 64).double()
     y = op.A(x) + 0.2 * torch.randn(op.A(x).shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     fine = fine_schedule(prior, 11320, 20000)
-    solve = lambda name, steps, sigma_y=0.2: run(name, fine, op, y, uc, c, w=15.0, steps=steps, k_start=11320,
-                                                 cfg_guidance=4.0, sigma_y=sigma_y)
-    reference = solve("pigdm", 1200)
+    solve = lambda name, steps, sigma_y=0.2, **kw: run(name, fine, op, y, uc, c, w=15.0, steps=steps,
+                                                       k_start=11320, cfg_guidance=4.0, sigma_y=sigma_y, **kw)
+    reference = solve("pigdm", 1200, weighting="cpigdm")
     error = lambda out: ((out - reference).norm() / reference.norm()).item()
     noisy, noiseless = error(solve("cci", 300)), error(solve("cci", 300, 0.0))
     assert noisy <= 2e-3 and noiseless >= 4 * noisy, (noisy, noiseless)
 
 
+@pytest.mark.parametrize("analytic", [False, True])
+def test_cci_basis_is_the_dense_svd_pinv_and_noisy_gain(analytic):
+    """cci_basis against the dense H (16 px ×4 SR on the analytic pixel prior; M = A∘decode at 32 px on the analytic
+    prior): with σ_y > 0, r = s²/σ_y² per part holds H's singular values (torch.linalg.svdvals), V·y_part = H⁺y
+    (torch.linalg.pinv), and V diag(π) Vᵀv = Hᵀ(HHᵀ + σ_y²/σ² I)⁻¹H v; with σ_y = 0, the split's parts are
+    (I − P)x and Px of the dense projector and y_part's sum is H⁺y."""
+    size = 32 if analytic else 16
+    op = build_operator("super_resolution", size, scale=4).double()
+    prior = AnalyticPrior.from_folder() if analytic else AnalyticPixelPrior.from_folder()
+    shape = (4, 4, 4) if analytic else (3, 16, 16)
+    like = torch.zeros(1, *shape, dtype=torch.float64)
+    h = latent_operator(prior, op, like)
+    H = dense_matrix(h, shape)
+    g = torch.Generator().manual_seed(5)
+    y = op.A(torch.randn(1, 3, size, size, generator=g, dtype=torch.float64))
+    pinv_y = (torch.linalg.pinv(H) @ y.flatten()).view(like.shape)
+    v = torch.randn(like.shape, generator=g, dtype=torch.float64)
+    sigma_y, sigma = 0.05, 0.4
+    basis = cci_basis(prior, op, h, like, y, sigma_y, None)
+    r = torch.broadcast_to(basis.r, basis.split(v).shape).flatten().sort(descending=True).values
+    singular = torch.linalg.svdvals(H)
+    torch.testing.assert_close(r[:len(singular)] * sigma_y ** 2, singular ** 2, rtol=1e-9, atol=1e-12)
+    assert (r[len(singular):] == 0).all()  # the unmeasured parts
+    torch.testing.assert_close(basis.join(basis.y_part), pinv_y, rtol=1e-9, atol=1e-12)
+    c = sigma_y ** 2 / sigma ** 2
+    pi = basis.r * sigma ** 2 / (basis.r * sigma ** 2 + 1)
+    expected = H.T @ torch.linalg.solve(H @ H.T + c * torch.eye(len(H), dtype=torch.float64), H @ v.flatten())
+    torch.testing.assert_close(basis.join(pi * basis.split(v)).flatten(), expected, rtol=1e-9, atol=1e-12)
+
+    noiseless = cci_basis(prior, op, h, like, y, 0.0, None)
+    P = torch.linalg.pinv(H) @ H
+    parts = noiseless.split(v).flatten(1)
+    torch.testing.assert_close(parts[1], P @ v.flatten(), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(parts[0], v.flatten() - P @ v.flatten(), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(noiseless.join(noiseless.y_part), pinv_y, rtol=1e-9, atol=1e-12)
+    assert noiseless.r.flatten().tolist() == [0.0, math.inf]
+
+
 def test_cci_says_when_it_cannot_model_the_noise(bed):
-    """Motion blur has no SVD: with σ_y > 0 cci warns once and runs the noiseless form; with an SVD it is silent."""
+    """Motion blur has no SVD: with σ_y > 0 cci warns once and runs the noiseless form, and warns that its CG pinv
+    makes P = H⁺H inexact; with an SVD it is silent."""
     prior = AnalyticPixelPrior.from_folder()
     uc, c = prior.embed([NULL_PROMPT, "a photo of a cat"]).chunk(2)
     x = load_image(ROOT / "samples/cat_1.jpg", 32)
@@ -237,8 +286,12 @@ def test_cci_says_when_it_cannot_model_the_noise(bed):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             out = run("cci", prior, op, op.A(x), uc, c, sigma_y=0.01, steps=2)
-        messages = [str(w.message) for w in caught if "noise" in str(w.message)]
-        assert torch.isfinite(out).all() and (messages == [] if expected is None else expected in messages[0])
+        messages = [str(w.message) for w in caught if str(w.message).startswith("cci:")]
+        assert torch.isfinite(out).all()
+        if expected is None:
+            assert messages == []
+        else:
+            assert len(messages) == 2 and expected in messages[1] and "not an exact projector" in messages[0]
 
 
 # --- ΠGDM and DDRM -------------------------------------------------------------------------------------------------
@@ -268,6 +321,82 @@ def test_pigdm_guidance_is_the_gradient_of_the_gaussian_log_likelihood():
         d = torch.randn(x.shape, generator=g, dtype=torch.float64)
         fd = (loglik(x + 1e-5 * d) - loglik(x - 1e-5 * d)) / 2e-5
         assert abs((guidance * d).sum().item() - fd.item()) <= 1e-6 * abs(fd.item()) + 1e-8
+
+
+def dense_matrix(op, shape):
+    """The (m, n) matrix of `op` on images shaped `shape` (C, H, W), float64, column by column."""
+    n = math.prod(shape)
+    return op.A(torch.eye(n, dtype=torch.float64).view(n, *shape)).flatten(1).T
+
+
+@pytest.mark.parametrize("weighting", ["pigdm", "cpigdm"])
+def test_pigdm_replays_the_papers_step_with_a_dense_operator(weighting):
+    """pigdm against a replay with dense H, torch.linalg.pinv(H) for the start and a dense (HHᵀ + cI)⁻¹: the weight
+    of G over a step is ∫½w·e^{±b/2} db by quadrature (w_t = w·r² of the CCI repo's PGDMSampler, pgdm.py:128-129,
+    or C-ΠGDM's w·r²·μ²), on the analytic pixel prior (16 px, ×4 SR, σ_y = 0.05)."""
+    prior = AnalyticPixelPrior.from_folder()
+    op = build_operator("super_resolution", 16, scale=4).double()
+    H = dense_matrix(op, (3, 16, 16))
+    x_true = load_image(ROOT / "samples/cat_1.jpg", 16).double()
+    y = op.A(x_true) + 0.05 * torch.randn(op.A(x_true).shape, generator=torch.Generator().manual_seed(3),
+                                          dtype=torch.float64)
+    uc, c = prior.embed([NULL_PROMPT, "a photo of a cat"]).double().chunk(2)
+    w, steps, k_start, sigma_y = 6.0, 4, 566, 0.05
+    out = run("pigdm", prior, op, y, uc, c, seed=4, w=w, steps=steps, k_start=k_start, sigma_y=sigma_y,
+              cfg_guidance=2.0, weighting=weighting)
+
+    abar = [prior.alphas_cumprod[k].double().item() for k in start_grid(k_start, steps)] + [1.0]
+    b = [-math.log(a) for a in abar]
+    sign = 1 if weighting == "pigdm" else -1
+    flat_y = y.flatten()
+    noise = randn((1, 3, 16, 16), torch.Generator().manual_seed(4), "cpu").double()
+    x = abar[0] ** 0.5 * (torch.linalg.pinv(H) @ flat_y).view(1, 3, 16, 16) + (1 - abar[0]) ** 0.5 * noise
+    for n, k in enumerate(start_grid(k_start, steps)):
+        mu, sigma = abar[n] ** 0.5, (1 - abar[n]) ** 0.5
+        xg = x.clone().requires_grad_()
+        eps = guided_eps(prior, xg, k, uc, c, 2.0)
+        seen = H @ ((xg - sigma * eps) / mu).flatten()
+        gain = torch.linalg.inv(H @ H.T + (sigma_y / sigma) ** 2 * torch.eye(len(H), dtype=torch.float64))
+        G, = torch.autograd.grad(seen, xg, gain @ (flat_y - seen.detach()))
+        weight = quad(lambda v: 0.5 * w * math.exp(sign * v / 2), b[n + 1], b[n], epsabs=1e-14, epsrel=1e-13)[0]
+        rho = lambda a: ((1 - a) / a) ** 0.5
+        x = abar[n + 1] ** 0.5 * (x / mu + (rho(abar[n + 1]) - rho(abar[n])) * eps.detach() + weight * G)
+    expected = prior.decode(x)
+    assert ((out - expected).norm() / expected.norm()).item() <= 1e-10
+
+
+GAIN_BEDS = {
+    "blur-pixel": ("blur", {"kernel": "gaussian", "kernel_size": 9, "std": 2.0}, False),  # 84% of s truncated
+    "blur-analytic": ("blur", {"kernel": "gaussian", "kernel_size": 31, "std": 5.0}, True),  # M = A∘decode: 7/64
+    "sr4-pixel": ("super_resolution", {"scale": 4}, False),
+    "box-pixel": ("inpainting", {}, False),
+}
+
+
+@pytest.mark.parametrize("key", GAIN_BEDS)
+def test_pigdm_gain_is_the_exact_inverse_on_range_h(key):
+    """Hᵀ·gain(r, c) = Hᵀ(HHᵀ + cI)⁻¹r with a dense inverse (16 px; the analytic prior's M at 32 px), at
+    c = (σ_y/σ)² for σ_y = 0.01 and σ = 0.9 (the start), 0.3, 0.1, where dropping the blur's truncated directions was
+    36–97% off for white-noise r; with c = 0, the operators' truncated pseudo-inverse H⁺ (Hᵀ(HHᵀ)⁺ = H⁺ on the kept
+    spectrum)."""
+    name, params, analytic = GAIN_BEDS[key]
+    op = build_operator(name, 32 if analytic else 16, **params).double()
+    if analytic:
+        shape = (4, 4, 4)
+        h = latent_operator(AnalyticPrior.from_folder(), op, torch.zeros(1, *shape, dtype=torch.float64))
+    else:
+        h, shape = latent_operator(AnalyticPixelPrior.from_folder(), op, torch.zeros(1, 3, 16, 16)), (3, 16, 16)
+    H = dense_matrix(h, shape)
+    like = torch.zeros(1, *shape, dtype=torch.float64)
+    r = torch.randn(h.A(like).shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    solve = gain_solver(h, like, 50)
+    for sigma in (0.9, 0.3, 0.1):
+        c = (0.01 / sigma) ** 2
+        # Hᵀ(HHᵀ + cI)⁻¹ = (HᵀH + cI)⁻¹Hᵀ, the smaller dense system
+        expected = torch.linalg.solve(H.T @ H + c * torch.eye(H.shape[1], dtype=torch.float64), H.T @ r.flatten())
+        got = h.At(solve(r, c)).flatten()
+        assert (got - expected).norm() <= 1e-8 * expected.norm(), (sigma, ((got - expected).norm() / expected.norm()))
+    torch.testing.assert_close(h.At(solve(r, 0.0)), h.pinv(r), rtol=1e-9, atol=1e-9 * r.norm().item())
 
 
 def test_pigdm_gain_in_closed_form_solves_the_system_and_agrees_with_cg():
@@ -346,6 +475,90 @@ def test_noiseless_ddrm_returns_an_exact_solution_of_a_x_equals_y(task):
     assert residual_norm(op, y, prior.decode(torch.zeros_like(out))).item() > 1  # not trivially satisfied
 
 
+def test_noiseless_ddrm_returns_y_bar_on_measured_and_x0_on_unmeasured_coefficients():
+    """σ_y = 0, η_b = 1 (the decision in DDRMConfig's docstring): the last step (σ' = 0) sets the measured spectral
+    coefficients to ȳ = S⁺Uᵀy, with Vȳ = H⁺y from torch.linalg.pinv of the dense H, and keeps the last x̂0's on
+    the unmeasured ones; the official code's strict inequalities would give x̂0's everywhere, which misses y here."""
+    prior = AnalyticPixelPrior.from_folder()
+    op = build_operator("super_resolution", 16, scale=4).double()
+    y = op.A(load_image(ROOT / "samples/rocket.jpg", 16).double())
+    seen = []
+    fn, config = SOLVERS["ddrm"]
+    out = fn(prior, op, y, dataclasses.replace(config(), steps=4, sigma_y=0.0),
+             c=prior.embed(["a rocket launch"]).double(), uc=prior.embed([NULL_PROMPT]).double(),
+             generator=torch.Generator().manual_seed(0), callback=seen.append)
+    d = op.svd(out)
+    measured = d.singulars > 0
+    pinv_y = (torch.linalg.pinv(dense_matrix(op, (3, 16, 16))) @ y.flatten()).view(out.shape)
+    torch.testing.assert_close(d.Vt(out)[measured.expand_as(out)], d.Vt(pinv_y)[measured.expand_as(out)],
+                               rtol=1e-10, atol=1e-10)
+    last_x0 = d.Vt(seen[-1]["z0"].double())
+    torch.testing.assert_close(d.Vt(out)[~measured.expand_as(out)], last_x0[~measured.expand_as(out)],
+                               rtol=1e-10, atol=1e-10)
+    assert residual_norm(op, y, seen[-1]["z0"]).item() > 1e3 * residual_norm(op, y, out).item()
+
+
+@pytest.mark.parametrize("sigma_y, eta, eta_b", [(0.05, 0.7, 0.6), (0.0, 0.85, 1.0), (0.2, 0.3, 0.9)])
+def test_ddrm_replays_the_official_update_per_step(sigma_y, eta, eta_b):
+    """ddrm against the official update written out per coefficient (ddrm functions/denoising.py:58-104, with the
+    paper's ≥ at the anchored boundary; see DDRMConfig): the uniform grid, x̂0, σ' = √(1−ᾱ')/√ᾱ', DDIM with η on
+    unmeasured coefficients, the pull (Uᵀy − s·x̄0)/σ_y when s·σ' < σ_y, η_b·ȳ + (1−η_b)·x̄0 with noise
+    √(σ'² − η_b²σ_y²/s²) otherwise; on the Gaussian blur (16 px, truncated s = 0 as unmeasured) and the analytic
+    pixel prior, with the same draws. Every case must occur, and ȳ = S⁺Uᵀy must be H⁺y of the dense H."""
+    prior = AnalyticPixelPrior.from_folder()
+    op = build_operator("blur", 16, kernel="gaussian", kernel_size=5, std=1.0).double()
+    x_true = load_image(ROOT / "samples/cat_1.jpg", 16).double()
+    y = op.A(x_true) + sigma_y * torch.randn(x_true.shape, generator=torch.Generator().manual_seed(2),
+                                             dtype=torch.float64)
+    uc, c = prior.embed([NULL_PROMPT, "a photo of a cat"]).double().chunk(2)
+    steps = 5
+    out = run("ddrm", prior, op, y, uc, c, seed=7, steps=steps, eta=eta, eta_b=eta_b, sigma_y=sigma_y,
+              cfg_guidance=2.0)
+
+    d = op.svd(y)
+    s = d.singulars.expand(y.shape)
+    on = s > 0
+    y_bar = torch.zeros_like(y)
+    y_bar[on] = d.Ut(y)[on] / s[on]
+    dense_pinv = (torch.linalg.pinv(dense_matrix(op, (3, 16, 16)), rtol=3e-2) @ y.flatten()).view(y.shape)
+    torch.testing.assert_close(d.V(y_bar), dense_pinv, rtol=1e-9, atol=1e-9)
+    abar = lambda k: prior.alphas_cumprod[k].double().item() if k >= 0 else 1.0
+    generator = torch.Generator().manual_seed(7)
+    x = randn(y.shape, generator, "cpu").double()  # float32 draws, as every solver's
+    seq = list(range(0, 1000, 1000 // steps))
+    cases = {"unmeasured": 0, "pulled": 0, "anchored": 0}
+    for i, j in zip(reversed(seq), reversed([-1] + seq[:-1])):
+        at, at_next = abar(i), abar(j)
+        et = guided_eps(prior, x, i, uc, c, 2.0)
+        x0 = (x - et * (1 - at) ** 0.5) / at ** 0.5
+        sigma_next = ((1 - at_next) / at_next) ** 0.5
+        v_x0, v_et = d.Vt(x0), d.Vt(et)
+        noise = randn(y.shape, generator, "cpu").double()
+        pulled = on & (s * sigma_next < sigma_y)
+        anchored = on & ~pulled
+        nxt = v_x0 + (1 - eta ** 2) ** 0.5 * sigma_next * v_et + eta * sigma_next * noise  # unmeasured
+        nxt[pulled] = (v_x0 + (1 - eta ** 2) ** 0.5 * sigma_next * (d.Ut(y) - s * v_x0) / sigma_y
+                       + eta * sigma_next * noise)[pulled] if sigma_y > 0 else nxt[pulled]
+        spread = (sigma_next ** 2 - sigma_y ** 2 / s[anchored] ** 2 * eta_b ** 2).clamp(min=0) ** 0.5
+        nxt[anchored] = eta_b * y_bar[anchored] + (1 - eta_b) * v_x0[anchored] + spread * noise[anchored]
+        for key, mask in (("unmeasured", ~on), ("pulled", pulled), ("anchored", anchored)):
+            cases[key] += int(mask.sum())
+        x = at_next ** 0.5 * d.V(nxt)
+    assert all(cases.values()) or (sigma_y == 0 and cases["pulled"] == 0), cases
+    assert ((out - x).norm() / x.norm()).item() <= 1e-12
+
+
+@pytest.mark.parametrize("name", FAST)
+def test_fast_solvers_refuse_an_unset_sigma_y(name):
+    """σ_y = None (the YAML's null) must have been replaced by the task's noise_scale (solve.py's with_noise)."""
+    prior = AnalyticPixelPrior.from_folder()
+    op = build_operator("super_resolution", 16, scale=4)
+    fn, config = SOLVERS[name]
+    with pytest.raises(ConfigError, match=f"^{name}: sigma_y is not set"):
+        fn(prior, op, op.A(torch.zeros(1, 3, 16, 16)), config(), c=prior.embed(["a cat"]), uc=prior.embed([""]))
+    assert with_noise(config(), 0.3).sigma_y == 0.3 and with_noise(config(sigma_y=0.0), 0.3).sigma_y == 0.0
+
+
 def test_ddrm_refuses_motion_blur_and_stable_diffusion(bed, tiny_prior):
     prior, _, _, uc, c = bed
     motion = build_operator("blur", 64, kernel="motion", kernel_size=9, intensity=0.5, seed=0)
@@ -357,6 +570,22 @@ def test_ddrm_refuses_motion_blur_and_stable_diffusion(bed, tiny_prior):
     with pytest.raises(ConfigError, match="linear map"):
         run("ddrm", tiny_prior, sr, sr.A(torch.zeros(1, 3, 64, 64)),
             *tiny_prior.embed([NULL_PROMPT, "a cat"]).chunk(2), sigma_y=0.01)
+
+
+def test_cci_on_stable_diffusion_ends_with_treg_pixel_prox(tiny_prior):
+    """The experimental latent surrogate (×8 SR: latent average pooling) and the final pixel prox: the output with
+    cg_iters = 5 is treg.linalg.prox (λ = cg_lamb) of the output with cg_iters = 0, same seed; and ΠGDM through the
+    decoder, with its gain in pixel space, runs to a finite image."""
+    from treg.linalg import prox
+    op = build_operator("super_resolution", 64, scale=8)
+    y = op.A(load_image(ROOT / "samples/cat_1.jpg", 64))
+    uc, c = tiny_prior.embed([NULL_PROMPT, "a photo of a cat"]).chunk(2)
+    solve = lambda name, **kw: run(name, tiny_prior, op, y, uc, c, steps=2, **kw)
+    unproxed, proxed = solve("cci", cg_iters=0), solve("cci", cg_iters=5, cg_lamb=0.5)
+    expected = prox(op, unproxed, y, 0.5, 5)
+    assert ((proxed - expected).norm() / expected.norm()).item() <= 1e-5
+    assert residual_norm(op, y, proxed) < residual_norm(op, y, unproxed)
+    assert torch.isfinite(solve("pigdm", sigma_y=0.01)).all()
 
 
 # --- configs, priors --------------------------------------------------------------------------------------------

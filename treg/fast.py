@@ -5,8 +5,9 @@ They need the measurement as a linear operator H on the diffusion variable (treg
 a pixel prior, M = A∘decode on the analytic prior; on Stable Diffusion ΠGDM differentiates through the decoder,
 CCI uses an experimental latent surrogate, and DDRM refuses. All three integrate from diffusion level ᾱ_k to the
 clean level ᾱ = 1, so the last step returns a sample, not a Tweedie estimate. All three model y's noise σ_y (the
-task's noise_scale unless the YAML sets it): ΠGDM and DDRM as their papers do, CCI exactly in H's SVD basis where H
-has one (`cci_basis`), else in its noiseless form. Notation: b = −log ᾱ, μ = √ᾱ = e^{−b/2},
+task's noise_scale unless the YAML sets it): ΠGDM and DDRM as their papers do, CCI by integrating ΠGDM's noisy
+guidance exactly in H's SVD basis where H has one (`cci_basis`; not the official N-C-ΠGDM), else in its noiseless
+form. Notation: b = −log ᾱ, μ = √ᾱ = e^{−b/2},
 σ = √(1−ᾱ), ρ = σ/μ; x̂0 = (x − σε̂)/μ.
 
     CCI    Pandey, Yang, Mandt, "Fast Samplers for Inverse Problems in Iterative Refinement Models", NeurIPS 2024
@@ -77,7 +78,8 @@ def with_noise(cfg, noise_scale):
 @dataclasses.dataclass
 class CCIConfig:
     """C-ΠGDM (Pandey, Yang, Mandt, NeurIPS 2024): split update with closed-form coefficients; with σ_y > 0 and an
-    SVD of H, ΠGDM's noisy guidance integrated exactly per singular value (see `cci_basis`)."""
+    SVD of H, ΠGDM's noisy guidance integrated exactly per singular value (see `cci_basis`: it converges to ΠGDM's
+    noisy ODE, which the official N-C-ΠGDM does not)."""
     steps: int = bounded(5, 1, 1000)            # conditional steps = NFE (official demo: 5)
     w: float = bounded(15.0, 0, 100)            # ΠGDM guidance weight inside the projector Φ (official demo: 15)
     k_start: int = bounded(566, 1, 999)         # first timestep: VPSDE t = 0.4 matched by noise level (ᾱ = 0.196)
@@ -109,9 +111,12 @@ class CCIBasis:
 
 def cci_basis(prior, op, h, like, y, sigma_y, generator):
     """Noiseless (σ_y = 0, or no SVD of H): the two parts x − Px and Px of the official split form, r = (0, ∞).
-    Noisy with an SVD H = U S Vᵀ: ΠGDM's Hᵀ(HHᵀ + σ_y²/σ² I)⁻¹ is V diag(π) S⁺Uᵀ with π = rσ²/(rσ² + 1), so the
-    guided ODE is diagonal in x̄ = Vᵀx and its linear part is integrated exactly per singular value: the exact
-    form of N-C-ΠGDM (the official code keeps only the first order in σ_y², with (HᵀH)⁺ = V S⁻² Vᵀ)."""
+    Noisy with an SVD H = U S Vᵀ: ΠGDM's Hᵀ(HHᵀ + σ_y²/σ² I)⁻¹ is V diag(π) S⁺Uᵀ with π = rσ²/(rσ² + 1), so
+    ΠGDM's noisy guided ODE is diagonal in x̄ = Vᵀx and its linear part is integrated exactly per singular value;
+    as the steps grow this converges to ΠGDM's noisy ODE (tests: test_noisy_cci_converges_to_noisy_pigdm). It is
+    not the official N-C-ΠGDM (c-pigdm cpgdm.py:243-534), which integrates a different ODE, first order in σ_y²
+    (with (HᵀH)⁺ = V S⁻² Vᵀ): its correction shrinks like σ_y² where ΠGDM's noise effect shrinks like σ_y, so it
+    does not converge to ΠGDM's noisy ODE. This form is the better founded of the two."""
     spectral = None
     if sigma_y > 0 and not isinstance(h, LatentSurrogate):
         try:
@@ -245,17 +250,32 @@ def cci(prior, op, y, cfg, *, c, uc, generator=None, callback=None):
 
 
 def gain_solver(h, like, cg_iters):
-    """(r, c) ↦ (H Hᵀ + c I)⁻¹ r: in closed form from H's SVD (U (S² + c)⁻¹ Uᵀ r, dropping the part of r outside
-    range(H), which Hᵀ annihilates), else by CG."""
+    """(r, c) ↦ (H Hᵀ + c I)⁻¹ r, as the guidance uses it (through Hᵀ, so the part of the result outside range(H)
+    does not matter). With H's SVD: U (S² + c)⁻¹ Uᵀ r on the SVD's directions. Where that SVD is truncated (the
+    Gaussian blur drops s below pinv_rtol = 3e-2 of the largest, and the analytic prior's M = A∘decode with it),
+    the rest of r lies in a complement that HHᵀ maps into itself, and there (HHᵀ + cI) v = r is solved by CG on
+    Q(HHᵀ + cI)Q, Q = I − UUᵀ, whose eigenvalues lie in [c, c + (3e-2·s_max)²]: exact to CG's tolerance unless
+    c ≪ 1e-3·s_max² (50 iterations reach 1e-8 at c ≥ 1e-4·s_max²). With c = 0 (σ_y = 0) the truncated inverse,
+    the same pseudo-inverse H⁺ as everywhere else here. Without an SVD: CG on HHᵀ + cI."""
+    full = lambda u, c: h.A(h.At(u)) + c * u
     try:
         d = h.svd(like)
     except (AttributeError, ValueError):
-        return lambda r, c: conjugate_gradient(lambda u: h.A(h.At(u)) + c * u, r, torch.zeros_like(r), cg_iters)
+        return lambda r, c: conjugate_gradient(lambda u: full(u, c), r, torch.zeros_like(r), cg_iters)
     s2 = d.singulars ** 2
+    kept = lambda r: d.U(torch.where(s2 > 0, d.Ut(r), torch.zeros_like(s2)))  # U Uᵀ r on the SVD's directions
+    probe = randn(h.A(like[:1]).shape, torch.Generator().manual_seed(0), like.device).to(like)
+    truncated = (h.At(probe - kept(probe)).norm() > 1e-9 * h.At(probe).norm()).item()  # SR, inpainting: no
 
     def solve(r, c):
         inverse = torch.where(s2 > 0, 1 / (s2 + c), torch.zeros_like(s2))
-        return d.U(inverse * d.Ut(r))
+        v = d.U(inverse * d.Ut(r))
+        if truncated and c > 0:
+            rest = r - kept(r)
+            deflated = lambda u: (lambda q: q - kept(q))(full(u - kept(u), c))
+            tol = 1e-12 * rest.flatten(1).norm(dim=1).max().item()
+            v = v + conjugate_gradient(deflated, rest, torch.zeros_like(rest), cg_iters, tol)
+        return v
     return solve
 
 
@@ -274,13 +294,18 @@ def pigdm_guidance(eps_fn, measure, solve, x, y, mu, sigma, sigma_y):
 @dataclasses.dataclass
 class PiGDMConfig:
     """ΠGDM (Song, Vahdat, Mardani, Kautz, ICLR 2023) as the CCI paper's continuous baseline: the ΠGDM-guided
-    probability-flow ODE in x̄ = x/μ, ε̂ integrated exactly, the guidance by Euler (exponential Euler)."""
-    steps: int = bounded(20, 1, 1000)           # NFE (CCI repo's ΠGDM baseline: 20 steps)
-    w: float = bounded(6.0, 0, 100)             # guidance weight, w_t = w·r_t²·μ_t² (CCI repo's ΠGDM baseline: 6)
+    probability-flow ODE in x̄ = x/μ, ε̂ integrated exactly, the guidance by exponential Euler (G frozen over a step,
+    its scalar weight integrated exactly). `weighting` is the guidance weight w_t on ∇log p(y|x):
+    "pigdm" w_t = w·r_t², as the CCI repo's PGDMSampler (c-pigdm diffusion/algos/continuous/ode/pgdm.py:128-129,
+    "Assuming w = rt**2", dx̄ = ½wβ·(1/μ)·G dt); "cpigdm" w_t = w·r_t²·μ_t², C-ΠGDM's convention (cpgdm.py), weaker
+    by ᾱ (5.1× at k 566): the ODE that cci integrates, for comparing the two integrators."""
+    steps: int = bounded(20, 1, 1000)           # NFE (CCI repo baseline_cont_pgdm.sh:17, num_steps 20)
+    w: float = bounded(6.0, 0, 100)             # guidance weight (CCI repo baseline_cont_pgdm.sh:20, w 6)
     k_start: int = bounded(566, 1, 999)         # first timestep: VPSDE t = 0.4 matched by noise level, as CCI
     cfg_guidance: float = bounded(4.0, 0, 100)  # text CFG weight of ε̂ (project default); 0 = without text
     sigma_y: float | None = bounded(None, 0, 10)  # measurement noise std; None = the task's noise_scale
     cg_iters: int = bounded(50, 1, 10000)       # CG iterations for (H Hᵀ + (σ_y/r_t)² I)⁻¹ without an SVD
+    weighting: str = one_of("pigdm", ("pigdm", "cpigdm"))  # w_t = w·r² (ΠGDM) or w·r²·μ² (C-ΠGDM's, cci's ODE)
 
 
 @torch.no_grad()
@@ -306,9 +331,12 @@ def pigdm(prior, op, y, cfg, *, c, uc, generator=None, callback=None):
         eps_fn = lambda x_: guided_eps(prior, x_, k, uc, c, cfg.cfg_guidance)
         eps, guidance = pigdm_guidance(eps_fn, measure, solve, x.to(y.dtype), y, mu, sigma, cfg.sigma_y)
         x0 = (x - sigma * eps) / mu
-        # 3. x̄ = x/μ: x̄ += Δρ·ε̂ + w·Δμ·G (ε̂ exactly, the guidance by Euler), then x = μ'·x̄
+        # 3. x̄ = x/μ: x̄ += Δρ·ε̂ + w·ΔW·G, then x = μ'·x̄. In b = −log ᾱ (db = −β dt backwards) the guidance
+        # term is ½w·e^{b/2}·G db for w_t = w·r² and ½w·e^{−b/2}·G db for w·r²·μ²; ε̂ and G frozen, so
+        # ΔW = 1/μ − 1/μ' (ΠGDM) or μ' − μ (C-ΠGDM's weighting)
         mu_next, sigma_next = levels[n + 1]
-        x_bar = x / mu + (sigma_next / mu_next - sigma / mu) * eps + cfg.w * (mu_next - mu) * guidance
+        weight = 1 / mu - 1 / mu_next if cfg.weighting == "pigdm" else mu_next - mu
+        x_bar = x / mu + (sigma_next / mu_next - sigma / mu) * eps + cfg.w * weight * guidance
         x = mu_next * x_bar
         if callback:
             callback({"i": n, "steps": cfg.steps, "t": k, "z0": x0.to(y.dtype)})
@@ -321,7 +349,11 @@ def pigdm(prior, op, y, cfg, *, c, uc, generator=None, callback=None):
 @dataclasses.dataclass
 class DDRMConfig:
     """DDRM (Kawar, Elad, Ermon, Song, NeurIPS 2022): DDIM in the spectral basis of H = U S Vᵀ, each coefficient
-    treated by whether it is unmeasured, or measured with less or more noise than the current level."""
+    treated by whether it is unmeasured, or measured with less or more noise than the current level. The boundary
+    s·σ' = σ_y goes to the anchored case, as in the paper's eq. 4 (σ_t s_i ≥ σ_y); the official code's strict
+    inequalities (ddrm functions/denoising.py:74-75) send it to the unmeasured case instead. That differs only at
+    σ_y = 0 on the last step (σ' = 0): there this returns ȳ = S⁺Uᵀy on the measured coefficients (η_b = 1: A x = y
+    exactly), the official code x̂0's (the Tweedie estimate, off y by the model's error)."""
     steps: int = bounded(20, 1, 1000)           # DDRM paper (20 steps, the NFE of its main results)
     eta: float = bounded(0.85, 0, 1)            # η: DDRM paper
     eta_b: float = bounded(1.0, 0, 1)           # η_b: DDRM paper
