@@ -8,12 +8,13 @@ rules out; component width s = 0.1. Every solver of treg.solvers.SOLVERS runs wi
 only `steps` and `cfg_guidance` set by the experiment, the same for every solver; the null prompt is "" (the zero
 embedding, so π_uc is the base weights). Each cell solves the same y with --seeds solver seeds. Experiments:
     calibration   w = 0 at every --steps: landing frequencies vs the exact posterior weights, spread, residuals;
-    guidance      prompt "plain" at w ∈ --guidance (--main_steps): landing vs the CFG-tilted target π_uc^(1−w)·π_c^w;
+    guidance      prompt "plain" at w ∈ --guidance (--main_steps): landing vs the CFG-tilted target π_uc^(1−w)·π_c^w
+                  and vs the landing law of the exact CFG sampler (treg.calibration.cfg_ode, with y's likelihood);
     conflict      prompt "rocket" (ruled out by y) at w = --conflict_w (--main_steps): residual and landing;
     sensitivity   each known-wrong variant of treg.calibration.VARIANTS against its solver, w = 0, at every
-                  --sensitivity_steps, same seeds: flagged by each statistic whose paired difference (variant −
-                  correct) has a Bonferroni-corrected interval (95 % jointly) excluding 0; a same-maths control
-                  must not be flagged.
+                  --sensitivity_steps, same seeds: flagged by each statistic whose paired sign-flip permutation
+                  p-value is ≤ 0.05/7 (Bonferroni); the control (TReg on disjoint seeds, a genuine null) must not
+                  be, and the rule's false-flag rate under independent exact-draw cells is measured.
 Statistics, each with a 95 % bootstrap interval over the seeds (1000 resamples):
     tv               ½Σ|landing frequency − target weight| over the 4 components (landed = nearest posterior mean);
     spread meas/null pooled within-component variance of the solutions in the measured / null directions of M,
