@@ -8,12 +8,13 @@ rules out; component width s = 0.1. Every solver of treg.solvers.SOLVERS runs wi
 only `steps` and `cfg_guidance` set by the experiment, the same for every solver; the null prompt is "" (the zero
 embedding, so π_uc is the base weights). Each cell solves the same y with --seeds solver seeds. Experiments:
     calibration   w = 0 at every --steps: landing frequencies vs the exact posterior weights, spread, residuals;
-    guidance      prompt "plain" at w ∈ --guidance (--main_steps): landing vs the CFG-tilted target π_uc^(1−w)·π_c^w;
+    guidance      prompt "plain" at w ∈ --guidance (--main_steps): landing vs the CFG-tilted target π_uc^(1−w)·π_c^w
+                  and vs the landing law of the exact CFG sampler (treg.calibration.cfg_ode, with y's likelihood);
     conflict      prompt "rocket" (ruled out by y) at w = --conflict_w (--main_steps): residual and landing;
     sensitivity   each known-wrong variant of treg.calibration.VARIANTS against its solver, w = 0, at every
-                  --sensitivity_steps, same seeds: flagged by each statistic whose paired difference (variant −
-                  correct) has a Bonferroni-corrected interval (95 % jointly) excluding 0; a same-maths control
-                  must not be flagged.
+                  --sensitivity_steps, same seeds: flagged by each statistic whose paired sign-flip permutation
+                  p-value is ≤ 0.05/7 (Bonferroni); the control (TReg on disjoint seeds, a genuine null) must not
+                  be, and the rule's false-flag rate under independent exact-draw cells is measured.
 Statistics, each with a 95 % bootstrap interval over the seeds (1000 resamples):
     tv               ½Σ|landing frequency − target weight| over the 4 components (landed = nearest posterior mean);
     spread meas/null pooled within-component variance of the solutions in the measured / null directions of M,
@@ -40,7 +41,9 @@ import time
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 import torch
+from scipy.stats import binomtest
 from tqdm import tqdm
 
 from treg import calibration as cal
@@ -58,6 +61,9 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only bac
 ROOT = Path(__file__).resolve().parent.parent
 GUIDED = "plain"      # the guided prompt names the rarest detail, so that guidance visibly moves the weights
 REFERENCE_DRAWS = 4000
+CFG_DRAWS = 2000      # draws of the exact CFG sampler per (prompt, w): a landing frequency to ±0.022 (95 %)
+CFG_STEPS = 100       # its Heun steps; the report shows the law at half and twice as many
+TEST_SEEDS = 32       # the seed count of tests/test_calibration.py's sensitivity test (its false-flag rate is reported)
 CURVES = [("tv", "TV to the posterior weights"), ("spread_null", "spread ratio, null space"),
           ("spread_measured", "spread ratio, measured"), ("residual", "residual / noise floor"),
           ("residual_w1", "residual W1 to the exact"), ("rel_l2", "rel. L2 to nearest mean")]
@@ -93,10 +99,11 @@ def solve_cell(bed, fn, cfg, prompt, seeds):
 
 
 class Experiment:
-    """Targets and exact reference residuals, cached per (prompt, w)."""
+    """Targets, exact reference residuals and the exact CFG sampler's landing laws, cached per (prompt, w)."""
 
-    def __init__(self, bed, seeds):
-        self.bed, self.seeds, self.cache = bed, seeds, {}
+    def __init__(self, bed, seeds, cfg_draws=None, cfg_steps=None):
+        self.bed, self.seeds, self.cache, self.laws = bed, seeds, {}, {}
+        self.cfg_draws, self.cfg_steps = cfg_draws or CFG_DRAWS, cfg_steps or CFG_STEPS
 
     def target(self, prompt, w):
         if (prompt, w) not in self.cache:
@@ -105,45 +112,95 @@ class Experiment:
             self.cache[prompt, w] = log_w, self.bed.residuals(z).numpy()
         return self.cache[prompt, w]
 
+    def landed(self, z):
+        return torch.cdist(z.double().flatten(1), self.bed.means).argmin(1).numpy()
+
+    def law(self, prompt, w, with_y=True):
+        """The exact CFG sampler's landing law (K,) (cal.cfg_ode with cfg_steps Heun steps, cfg_draws draws), with
+        its convergence record: the law at cfg_steps/2 and 2·cfg_steps, how many draws land elsewhere than at
+        2·cfg_steps (the same noise), and the law from the samplers' start σ(ᾱ_999)."""
+        if (prompt, w, with_y) not in self.laws:
+            field = cal.CFGField(self.bed, prompt, w, with_y)
+            noise = torch.randn(self.cfg_draws, len(self.bed.variance), generator=torch.Generator().manual_seed(3),
+                                dtype=torch.float64)
+            count = len(self.bed.captions)
+            runs = {steps: self.landed(cal.cfg_ode(field, noise, steps))
+                    for steps in (self.cfg_steps // 2, self.cfg_steps, 2 * self.cfg_steps)}
+            start = ((1 - self.bed.prior.alphas_cumprod[-1].item()) / self.bed.prior.alphas_cumprod[-1].item()) ** 0.5
+            runs["samplers' start"] = self.landed(cal.cfg_ode(field, noise, self.cfg_steps, sigma_max=start))
+            finest = runs[2 * self.cfg_steps]
+            record = {str(k): {"law": np.bincount(v, minlength=count).tolist(),
+                               "moved": int((v != finest).sum())} for k, v in runs.items()}
+            law = np.bincount(runs[self.cfg_steps], minlength=count) / self.cfg_draws
+            self.laws[prompt, w, with_y] = law, record
+        return self.laws[prompt, w, with_y]
+
     def exact_row(self, prompt, w):
         log_w, reference = self.target(prompt, w)
         z, _ = self.bed.exact_draws(log_w, len(self.seeds), torch.Generator().manual_seed(2))
         fns, runs = cal.statistics(self.bed, z, log_w, reference)
         return {"solver": "exact", "nfe": 0, "seconds": 0.0, "stats": cal.intervals(fns, len(z)), "runs": runs}
 
-    def row(self, name, fn, cfg, prompt, w):
-        """(row, statistics) of one cell; a failing solver is an `error` row (statistics None), not the end of the
-        benchmark."""
+    def exact_cfg_row(self, prompt, w):
+        """len(seeds) draws of the exact CFG sampler with y (other noise than its law's)."""
+        log_w, reference = self.target(prompt, w)
+        law, _ = self.law(prompt, w)
+        noise = torch.randn(len(self.seeds), len(self.bed.variance), generator=torch.Generator().manual_seed(4),
+                            dtype=torch.float64)
+        z = cal.cfg_ode(cal.CFGField(self.bed, prompt, w), noise, self.cfg_steps).view(-1, *self.bed.latent_shape)
+        fns, runs = cal.statistics(self.bed, z, log_w, reference, law)
+        return {"solver": "exact CFG", "nfe": 0, "seconds": 0.0, "stats": cal.intervals(fns, len(z)), "runs": runs}
+
+    def solve(self, fn, cfg, prompt, seeds=None):
+        return solve_cell(self.bed, fn, cfg, prompt, self.seeds if seeds is None else seeds)
+
+    def row(self, name, fn, cfg, prompt, w, seeds=None, law=None):
+        """(row, statistics, latents) of one cell; a failing solver is an `error` row (statistics None), not the end
+        of the benchmark. `law`: the exact CFG landing law, for tv_cfg."""
         log_w, reference = self.target(prompt, w)
         try:
-            z, nfe, seconds = solve_cell(self.bed, fn, cfg, prompt, self.seeds)
+            z, nfe, seconds = self.solve(fn, cfg, prompt, seeds)
         except Exception as err:  # noqa: BLE001
             first = str(err).splitlines()[0][:120] if str(err) else ""
-            return {"solver": name, "error": f"{type(err).__name__}: {first}"}, None
-        fns, runs = cal.statistics(self.bed, z, log_w, reference)
-        return {"solver": name, "nfe": nfe, "seconds": seconds, "stats": cal.intervals(fns, len(z)), "runs": runs}, fns
+            return {"solver": name, "error": f"{type(err).__name__}: {first}"}, None, None
+        fns, runs = cal.statistics(self.bed, z, log_w, reference, law)
+        row = {"solver": name, "nfe": nfe, "seconds": seconds, "stats": cal.intervals(fns, len(z)), "runs": runs}
+        return row, fns, z
 
     def sensitivity(self, label, steps):
-        """A known-wrong variant against its solver, both at w = 0 with the same seeds: the paired differences of
-        every statistic and the statistics that flag it."""
-        base, fn = cal.variant(label)
+        """A known-wrong variant against its solver, both at w = 0 with the same seeds (the control: the correct
+        solver on the next len(seeds) seeds): the paired differences of every statistic, their permutation
+        p-values and the statistics that flag it."""
+        if label == cal.CONTROL[0]:
+            base, fn, what = cal.CONTROL[1], SOLVERS[cal.CONTROL[1]][0], cal.CONTROL[2]
+            other = [s + len(self.seeds) for s in self.seeds]
+        else:
+            (base, fn), what, other = cal.variant(label), cal.VARIANTS[label][1], None
         cfg = solver_config(base, steps, 0.0)
-        correct, correct_fns = self.row(base, SOLVERS[base][0], cfg, "", 0.0)
-        wrong, wrong_fns = self.row(label, fn, cfg, "", 0.0)
-        row = {"variant": label, "what": cal.VARIANTS[label][1], "solver": base, "steps": steps,
-               "correct": correct, "wrong": wrong}
+        correct, correct_fns, z_correct = self.row(base, SOLVERS[base][0], cfg, "", 0.0)
+        wrong, wrong_fns, z_wrong = self.row(label, fn, cfg, "", 0.0, seeds=other)
+        row = {"variant": label, "what": what, "solver": base, "steps": steps, "correct": correct, "wrong": wrong}
         if correct_fns is None or wrong_fns is None:
             return row
-        differences = cal.paired_differences(correct_fns, wrong_fns, len(self.seeds))
+        n = len(self.seeds)
+        differences = cal.paired_differences(correct_fns, wrong_fns, n)
+        pooled, _ = cal.statistics(self.bed, torch.cat([z_correct, z_wrong]), *self.target("", 0.0))
+        pvalues = cal.permutation_pvalues(pooled, n)
         apart = [k for k in differences if correct["stats"][k][2] < wrong["stats"][k][1]
                  or wrong["stats"][k][2] < correct["stats"][k][1]]  # the two cells' own 95 % intervals are disjoint
-        return row | {"differences": differences, "flagged_by": cal.flagged(differences), "intervals_disjoint": apart}
+        return row | {"differences": differences, "pvalues": pvalues, "flagged_by": cal.flagged(pvalues),
+                      "intervals_disjoint": apart}
+
+    def false_flags(self, n, repeats):
+        """The sensitivity rule's false-flag rate under a genuine null (cal.false_flag_rate) at n seeds."""
+        log_w, reference = self.target("", 0.0)
+        return {"n": n, **cal.false_flag_rate(self.bed, log_w, reference, n, repeats, seed=n)}
 
 
 def run(args, bar):
     bed = cal.build_bed(ROOT, args.seed)
     ex = Experiment(bed, list(range(args.seed, args.seed + args.seeds)))
-    report = {"calibration": [], "guidance": [], "conflict": [], "sensitivity": []}
+    report = {"calibration": [], "guidance": [], "conflict": [], "cfg_laws": [], "sensitivity": [], "false_flags": []}
 
     def add(section, row, **keys):
         report[section].append({**keys, **row})
@@ -155,21 +212,28 @@ def run(args, bar):
             bar.set_description(f"calibration {name} {steps} steps")
             add("calibration", ex.row(name, solver_of(name), solver_config(name, steps, 0.0, args.set), "", 0.0)[0],
                 steps=steps)
-    for w in args.guidance:
-        add("guidance", ex.exact_row(GUIDED, w), w=w)
+    cells = [("guidance", GUIDED, w) for w in args.guidance] + [("conflict", cal.CONFLICT, args.conflict_w)]
+    for section, prompt, w in cells:
+        bar.set_description(f"exact CFG sampler, {prompt} w={w:g}")
+        law, record = ex.law(prompt, w)
+        prior_law, prior_record = ex.law(prompt, w, with_y=False)
+        report["cfg_laws"].append({"prompt": prompt, "w": w, "law": law.tolist(), "convergence": record,
+                                   "prior_law": prior_law.tolist(), "prior_convergence": prior_record})
+        add(section, ex.exact_row(prompt, w), w=w)
+        add(section, ex.exact_cfg_row(prompt, w), w=w)
         for name in args.solvers:
-            bar.set_description(f"guidance {name} w={w:g}")
+            bar.set_description(f"{section} {name} w={w:g}")
             cfg = solver_config(name, args.main_steps, w, args.set)
-            add("guidance", ex.row(name, solver_of(name), cfg, GUIDED, w)[0], w=w)
-    add("conflict", ex.exact_row(cal.CONFLICT, args.conflict_w), w=args.conflict_w)
-    for name in args.solvers:
-        bar.set_description(f"conflict {name}")
-        cfg = solver_config(name, args.main_steps, args.conflict_w, args.set)
-        add("conflict", ex.row(name, solver_of(name), cfg, cal.CONFLICT, args.conflict_w)[0], w=args.conflict_w)
+            add(section, ex.row(name, solver_of(name), cfg, prompt, w, law=law)[0], w=w)
     for steps in args.sensitivity_steps:
         for label in args.variants:
             bar.set_description(f"sensitivity {label} {steps} steps")
             report["sensitivity"].append(ex.sensitivity(label, steps))
+            bar.update()
+    if args.variants:
+        for n in dict.fromkeys([args.seeds, TEST_SEEDS]):
+            bar.set_description(f"false-flag rate at {n} seeds")
+            report["false_flags"].append(ex.false_flags(n, args.null_repeats))
             bar.update()
     return bed, report
 
@@ -206,40 +270,49 @@ def markdown(bed, report, args, seconds):
         s = r["stats"]
         lines.append(head + f" {r['nfe']} | {ci(s['tv'])} | {ci(s['spread_measured'])} | {ci(s['spread_null'])} | "
                      f"{ci(s['residual'])} | {ci(s['residual_w1'])} | {ci(s['rel_l2'], 3)} |")
+    laws = {(r["prompt"], r["w"]): r for r in report["cfg_laws"]}
+    captions = "/".join(bed.captions)
     lines += ["", f"## Guidance strength: prompt \"{GUIDED}\", {args.main_steps} steps", "",
-              "Target: the CFG-tilted posterior π_uc^(1−w)·π_c^w. Landed: frequency per component "
-              f"({'/'.join(bed.captions)}) against the target.", "",
-              "| w | solver | landed | target | TV | plain | residual |", "|---" * 7 + "|"]
-    for r in report["guidance"]:
-        head = f"| {r['w']:g} | {r['solver']} |"
-        if "error" in r:
-            lines.append(head + f" error: {r['error'].replace('|', '/')} |" + " |" * 4)
-            continue
-        s = r["stats"]
-        landed = "/".join(f"{s[f'landed_{c}'][0]:.2f}" for c in bed.captions)
-        target = "/".join(f"{v:.2f}" for v in r["runs"]["target"])
-        lines.append(head + f" {landed} | {target} | {ci(s['tv'])} | {ci(s[f'landed_{GUIDED}'])} | "
-                     f"{ci(s['residual'])} |")
+              "Two targets. Tilted: the exact posterior of the CFG-tilted prior π_uc^(1−w)·π_c^w (`exact` draws from "
+              "it). CFG: the landing law of the exact CFG sampler, the guided probability-flow ODE with the exact "
+              "noise prediction and y's exact likelihood term (`exact CFG` draws from it; its law and convergence "
+              "below). They agree at w = 0 and 1 and part above. Landed: frequency per component "
+              f"({captions}); TV tilted / TV CFG: to each target; plain: the frequency of \"{GUIDED}\".", "",
+              "| w | solver | landed | tilted | CFG | TV tilted | TV CFG | plain | residual |", "|---" * 9 + "|"]
+    lines += guided_rows(bed, report["guidance"], laws, GUIDED)
     lines += ["", f"## Conflict: prompt \"{cal.CONFLICT}\" (ruled out by y), w = {args.conflict_w:g}, "
               f"{args.main_steps} steps", "",
               "A correct solver stays at the noise floor and lands in a component y allows (consistent = 1).", "",
-              "| solver | residual | consistent | landed | target | TV |", "|---" * 6 + "|"]
-    for r in report["conflict"]:
-        if "error" in r:
-            lines.append(f"| {r['solver']} | error: {r['error'].replace('|', '/')} |" + " |" * 4)
-            continue
-        s = r["stats"]
-        landed = "/".join(f"{s[f'landed_{c}'][0]:.2f}" for c in bed.captions)
-        target = "/".join(f"{v:.2f}" for v in r["runs"]["target"])
-        lines.append(f"| {r['solver']} | {ci(s['residual'])} | {ci(s['consistent'])} | {landed} | {target} | "
-                     f"{ci(s['tv'])} |")
+              "| w | solver | landed | tilted | CFG | TV tilted | TV CFG | consistent | residual |",
+              "|---" * 9 + "|"]
+    lines += guided_rows(bed, report["conflict"], laws, cal.CONFLICT, consistent=True)
+    lines += ["", "## The exact CFG sampler's landing law", "",
+              f"cal.cfg_ode: Heun's method on a geometric σ grid from σ = {cal.SIGMA_MAX:g} (ᾱ = 1e-8, where every "
+              f"noised law is N(0, I)) to {cal.SIGMA_MIN:g}, then the Tweedie step; {CFG_DRAWS} draws with the same "
+              "noise at every step count. Each law with its exact 95 % binomial interval per component "
+              f"(Clopper–Pearson); moved: draws that land elsewhere than with {2 * CFG_STEPS} steps. With y: the "
+              "guided score plus y's exact likelihood (the solvers' target); prior only: without y (`ddim`'s "
+              "target). Samplers' start: the same ODE begun from N(0, I) at ᾱ_999 (σ = 14.6), where the solvers "
+              "begin, not at its exact start.", "",
+              f"| prompt | w | field | steps | landed ({captions}) | {GUIDED} | moved |", "|---" * 7 + "|"]
+    for r in report["cfg_laws"]:
+        for field, key in (("with y", "convergence"), ("prior only", "prior_convergence")):
+            for steps, c in r[key].items():
+                draws = sum(c["law"])
+                freq = "/".join(f"{v / draws:.3f}" for v in c["law"])
+                k = c["law"][bed.captions.index(GUIDED)]
+                lines.append(f"| {r['prompt']} | {r['w']:g} | {field} | {steps} | {freq} | "
+                             f"{binomial(k, draws)} | {c['moved']} |")
     lines += ["", "## Sensitivity: known-wrong variants (w = 0)", "",
-              "Each variant and its correct solver solve the same y with the same seeds. Flagged by: the statistics "
-              "whose paired difference (variant − correct, bootstrap over the seeds jointly, "
-              f"{cal.PAIRED_BOOTSTRAP} resamples) has a Bonferroni-corrected interval (95 % jointly) excluding 0, "
-              "strongest first (difference over half-width in brackets); the strongest is detailed. Disjoint: the "
-              "statistics whose two separate 95 % intervals do not even overlap. The control changes only rounding.",
-              "", "| steps | variant | flagged by | statistic | correct | variant | difference | disjoint |",
+              "Each variant and its correct solver solve the same y with the same seeds; the control is the correct "
+              "TReg on the next n seeds (a genuine null: two independent cells). Flagged by: the statistics whose "
+              f"paired sign-flip permutation test ({cal.PERMUTATIONS} flips) gives p ≤ {cal.FAMILY_LEVEL:g}/"
+              f"{len(cal.TESTED)} (Bonferroni: familywise "
+              f"{cal.FAMILY_LEVEL:g}), smallest p first; the strongest is detailed with its paired difference "
+              f"(variant − correct, bootstrap over the seeds jointly, {cal.PAIRED_BOOTSTRAP} resamples, "
+              "Bonferroni-corrected interval). Disjoint: the statistics whose two separate 95 % intervals do not "
+              "even overlap.", "",
+              "| steps | variant | flagged by (p) | statistic | correct | variant | difference | disjoint |",
               "|---" * 8 + "|"]
     for r in report["sensitivity"]:
         head = f"| {r['steps']} | {r['what']} |"
@@ -247,14 +320,50 @@ def markdown(bed, report, args, seconds):
         if failed:
             lines.append(head + f" {failed[0]} solver failed: {r[failed[0]]['error']} | | | | | |")
         elif not r["flagged_by"]:
-            lines.append(head + " **not flagged** | | | | | |")
+            best = min(r["pvalues"], key=r["pvalues"].get)
+            lines.append(head + f" **not flagged** (smallest p: {best} {r['pvalues'][best]:.3g}) | | | | | |")
         else:
             best = next(iter(r["flagged_by"]))
-            flags = ", ".join(f"{k} ({v:.0f})" for k, v in r["flagged_by"].items())
+            flags = ", ".join(f"{k} ({v:.2g})" for k, v in r["flagged_by"].items())
             lines.append(head + f" {flags} | {best} | {ci(r['correct']['stats'][best], 3)} | "
                          f"{ci(r['wrong']['stats'][best], 3)} | {ci(r['differences'][best], 3)} | "
                          f"{', '.join(r['intervals_disjoint']) or 'none'} |")
+    if report["false_flags"]:
+        lines += ["", "## False-flag rate under a genuine null", "",
+                  "Two independent cells of n exact posterior draws (w = 0), repeated; a repeat counts if any "
+                  "statistic flags. Permutation: the rule above. Bootstrap: the previous rule (a Bonferroni-corrected "
+                  "paired bootstrap interval excluding 0). Rates with exact 95 % binomial intervals; nominal "
+                  f"{cal.FAMILY_LEVEL:g}. n = {TEST_SEEDS} is the seed count of tests/test_calibration.py.", "",
+                  "| n | repeats | permutation rule | bootstrap rule |", "|---" * 4 + "|"]
+        for r in report["false_flags"]:
+            (k, m), (kb, _) = r["permutation"], r["bootstrap"]
+            lines.append(f"| {r['n']} | {m} | {k}/{m} = {binomial(k, m)} | {kb}/{m} = {binomial(kb, m)} |")
     return "\n".join(lines)
+
+
+def binomial(k, n):
+    """k/n with its exact (Clopper–Pearson) 95 % interval."""
+    ci_ = binomtest(k, n).proportion_ci()
+    return f"{k / n:.3f} [{ci_.low:.3f}, {ci_.high:.3f}]"
+
+
+def guided_rows(bed, rows, laws, prompt, consistent=False):
+    """Table rows of the guidance or conflict experiment: landing against the tilted target and the CFG law."""
+    out = []
+    for r in rows:
+        head = f"| {r['w']:g} | {r['solver']} |"
+        if "error" in r:
+            out.append(head + f" error: {r['error'].replace('|', '/')} |" + " |" * 6)
+            continue
+        s = r["stats"]
+        law = laws[prompt, r["w"]]["law"]
+        tv_cfg = ci(s["tv_cfg"]) if "tv_cfg" in s else f"{0.5 * np.abs(np.array(law) - r['runs']['target']).sum():.2f} (laws)"
+        landed = "/".join(f"{s[f'landed_{c}'][0]:.2f}" for c in bed.captions)
+        target = "/".join(f"{v:.2f}" for v in r["runs"]["target"])
+        last = ci(s["consistent"]) if consistent else ci(s[f"landed_{prompt}"])
+        out.append(head + f" {landed} | {target} | {'/'.join(f'{v:.2f}' for v in law)} | {ci(s['tv'])} | "
+                   f"{tv_cfg} | {last} | {ci(s['residual'])} |")
+    return out
 
 
 def figure(report, path):
@@ -307,8 +416,11 @@ def parse_args(argv=None):
     p.add_argument("--main_steps", type=int, default=200, help="steps of guidance and conflict (default: 200)")
     p.add_argument("--guidance", type=float_list, default=[0.0, 1.0, 2.0, 5.0], help="w values (default: 0,1,2,5)")
     p.add_argument("--conflict_w", type=float, default=5.0, help="w of the conflict prompt (default: 5)")
-    p.add_argument("--variants", default=",".join(cal.VARIANTS), help="comma-separated known-wrong variants of "
-                   "treg.calibration.VARIANTS, '' for none (default: %(default)s)")
+    p.add_argument("--variants", default=",".join([*cal.VARIANTS, cal.CONTROL[0]]),
+                   help="comma-separated known-wrong variants of treg.calibration.VARIANTS and the control, '' for "
+                   "none (default: %(default)s)")
+    p.add_argument("--null_repeats", type=int, default=200, help="repeats of the false-flag measurement at --seeds "
+                   f"and at {TEST_SEEDS} seeds, run when --variants is not empty (default: %(default)s)")
     p.add_argument("--sensitivity_steps", type=int_list, default=[10, 50],
                    help="step counts of the sensitivity check (default: 10,50)")
     p.add_argument("--set", type=parse_set, action="append", default=[], metavar="SOLVER.KEY=VALUE",
@@ -328,9 +440,12 @@ def check(args):
     if unknown or not args.solvers:
         raise ConfigError(f"--solvers: unknown {', '.join(unknown) or '(none given)'}; choose from "
                           f"{', '.join(SOLVERS)} or a configs/solver YAML name")
-    bad = [v for v in args.variants if v not in cal.VARIANTS]
+    bad = [v for v in args.variants if v not in cal.VARIANTS and v != cal.CONTROL[0]]
     if bad:
-        raise ConfigError(f"--variants: unknown {', '.join(bad)}; choose from {', '.join(cal.VARIANTS)}")
+        raise ConfigError(f"--variants: unknown {', '.join(bad)}; choose from {', '.join(cal.VARIANTS)}, "
+                          f"{cal.CONTROL[0]}")
+    if args.null_repeats < 1:
+        raise ConfigError("--null_repeats must be at least 1")
     if args.seeds < 2:
         raise ConfigError("--seeds must be at least 2 (the spread needs two solutions)")
     if not args.steps or not all(1 <= s <= 1000 for s in [*args.steps, args.main_steps, *args.sensitivity_steps]):
@@ -351,8 +466,8 @@ def main(argv=None):
     except (ConfigError, ValueError) as err:
         sys.exit(f"error: {err}")
     torch.set_num_threads(args.threads)
-    total = (len(args.steps) + len(args.guidance) + 1) * len(args.solvers) + len(args.guidance) + 2 + \
-        len(args.variants) * len(args.sensitivity_steps)
+    total = (len(args.steps) + len(args.guidance) + 1) * len(args.solvers) + 2 * (len(args.guidance) + 1) + 1 + \
+        len(args.variants) * len(args.sensitivity_steps) + (len({args.seeds, TEST_SEEDS}) if args.variants else 0)
     begin = time.perf_counter()
     with tqdm(total=total, file=sys.stderr, unit="cell") as bar:
         bed, report = run(args, bar)
@@ -362,7 +477,9 @@ def main(argv=None):
     data = {"settings": settings | {"seconds": seconds, "task": cal.TASK, "image_size": cal.IMAGE_SIZE,
                                     "std": cal.STD, "detail_rms": cal.DETAIL_RMS, "beta": cal.BETA,
                                     "base_weights": cal.BASE_WEIGHTS, "captions": bed.captions,
-                                    "bootstrap": cal.BOOTSTRAP, "reference_draws": REFERENCE_DRAWS},
+                                    "bootstrap": cal.BOOTSTRAP, "reference_draws": REFERENCE_DRAWS,
+                                    "permutations": cal.PERMUTATIONS, "cfg_draws": CFG_DRAWS,
+                                    "cfg_steps": CFG_STEPS},
             **report}
     write_report(args.out, table + "\n", data)
     figure(report, Path(f"{args.out}.png"))

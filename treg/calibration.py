@@ -17,9 +17,18 @@ Posterior. Σ = (I/s² + MᵀM/σ²)⁻¹ is diagonal in the eigenbasis V of the
 1/(1/s² + λ/σ²) per eigenvector, so an exact draw is m_k + V(√var ⊙ n), n ~ N(0, I). The weights come from
 treg.bench_accuracy.dense_posterior; the CFG-tilted target of guidance w is the exact posterior of the prior
 π_uc^(1−w)·π_c^w (exact for components that do not overlap, as here).
+
+Exact CFG sampler. The tilted posterior is not what CFG sampling gives (CFG's field is not the score of any noised
+tilted mixture). `CFGField` is the exact field of the guided probability-flow ODE on this bed and `cfg_ode`
+integrates it: guided score (1−w)∇log p_t(z|"") + w∇log p_t(z|c) of the exact noised mixture, plus, for the
+posterior, the exact ∇log p̃(y | z_t) of y under the tilted mixture weights π̃ ∝ π_uc^(1−w)·π_c^w (so w = 0 and w = 1
+are the exact posteriors under "" and c). Derivation: given z_t and component k, z0 ~ N(μ_k + g(z_t − √ᾱμ_k), cI)
+with v = ᾱs² + 1 − ᾱ, g = √ᾱs²/v, c = s²(1 − ᾱ)/v; so y | z_t, k ~ N(M(μ_k + g(z_t − √ᾱμ_k)), cMMᵀ + σ²I),
+diagonal in M's SVD basis (M = U diag(S) Vᵀ: measured coordinate i of Uᵀz has variance cS_i² + σ²), and
+log p̃(y | z_t) = logsumexp_k(log r̃_k(z_t) + log p(y | z_t, k)) with r̃_k the tilted responsibilities; its gradient is
+Σ_k ρ_k(s_k + ∇ℓ_k) − Σ_k r̃_k s_k (ρ ∝ r̃_k p(y | z_t, k), s_k = −(z_t − √ᾱμ_k)/v).
 """
 import inspect
-import math
 import textwrap
 from dataclasses import dataclass
 
@@ -42,7 +51,10 @@ DETAIL_RMS = 0.3                            # RMS per latent value of each detai
 BETA = 1.0                                  # text sharpness: "plain" moves its weight from 0.1 to 0.23 of the details
 SUPPORT = 1e-3                              # posterior weight below which a component is ruled out by y
 BOOTSTRAP = 1000                            # resamples of the seeds for every confidence interval (95 %, percentile)
-PAIRED_BOOTSTRAP = 4000                     # resamples for the sensitivity's Bonferroni-corrected (99.4 %) intervals
+PAIRED_BOOTSTRAP = 4000                     # resamples for the sensitivity's Bonferroni-corrected intervals
+PERMUTATIONS = 2000                         # sign flips of the sensitivity's paired permutation test
+FAMILY_LEVEL = 0.05                         # familywise level of the sensitivity flags (Bonferroni over TESTED)
+TESTED = ("tv", "spread_measured", "spread_null", "residual", "residual_w1", "rel_l2", "consistent")  # sensitivity's
 
 
 class WeightedPrior(AnalyticPrior):
@@ -125,15 +137,76 @@ def build_bed(root, seed=0):
     return Bed(prior, op, sigma, y, matrix, gram, post_means, basis, measured, variance)
 
 
-# Statistics over seeds. Each takes the per-seed arrays of one cell and an index array (a bootstrap resample).
+class CFGField:
+    """The exact guided field of the bed at guidance w for `prompt`, in the coordinates a = z U of M's left singular
+    vectors (M = U diag(S) Vᵀ; y' = y V, so measured coordinate i sees y'_i = S_i a0_i + σn), where every component
+    stays isotropic. `with_y` adds the exact ∇log p̃(y | z_t) of the module docstring."""
+
+    def __init__(self, bed, prompt, w, with_y=True):
+        u, s, vh = torch.linalg.svd(bed.matrix, full_matrices=True)  # (n, n), (m,), (m, m)
+        self.u, self.s, self.w, self.with_y, self.sigma = u, s, w, with_y, bed.sigma
+        self.y = bed.y.double().flatten() @ vh.T  # (m,)
+        self.mu = bed.prior.means(*bed.latent_shape[1:]).double().flatten(1) @ u  # (K, n)
+        self.std = bed.prior.std
+        log_pi_uc, log_pi_c = bed.prior.log_weights(bed.prior.embed(["", prompt])).double()
+        self.log_pi = log_pi_uc, log_pi_c
+        self.log_tilted = torch.log_softmax((1 - w) * log_pi_uc + w * log_pi_c, dim=0)
+
+    def score(self, a, abar):
+        """The guided score (B, n) at ᾱ of latents a (B, n) in the rotated coordinates. Every per-component term is
+        expanded so that only (B, K) and (B, n) arrays are formed: Σ_k r_k s_k = −(a − √ᾱ r μ)/v."""
+        v, root = abar * self.std ** 2 + 1 - abar, abar ** 0.5
+        log_near = (root * a @ self.mu.T - 0.5 * abar * (self.mu ** 2).sum(1)) / v  # (B, K): −‖a − √ᾱμ_k‖²/(2v) + f(a)
+        mix = lambda log_pi: -(a - root * torch.softmax(log_pi + log_near, dim=1) @ self.mu) / v
+        out = (1 - self.w) * mix(self.log_pi[0]) + self.w * mix(self.log_pi[1])
+        if not self.with_y:
+            return out
+        g, c, m = root * self.std ** 2 / v, self.std ** 2 * (1 - abar) / v, len(self.s)
+        var = c * self.s ** 2 + self.sigma ** 2  # Cov(y' | a, k), diagonal
+        e = self.y - self.s * g * a[:, :m]  # y' − S E[a0 | a, k] = e − f_k
+        f = self.s * (1 - g * root) * self.mu[:, :m]  # (K, m)
+        log_lik = e @ (f / var).T - 0.5 * (f ** 2 / var).sum(1)  # (B, K): log p(y | a, k) up to a constant in k
+        rho = torch.softmax(self.log_tilted + log_near + log_lik, dim=1)  # p̃(k | a, y)
+        grad = mix(self.log_tilted + log_lik) - mix(self.log_tilted)  # Σ_k ρ_k s_k − Σ_k r̃_k s_k
+        grad[:, :m] += g * self.s * (e - rho @ f) / var  # Σ_k ρ_k ∇_a log p(y | a, k)
+        return out + grad
+
+    def eps(self, a, abar):
+        return -(1 - abar) ** 0.5 * self.score(a, abar)
+
+
+SIGMA_MAX, SIGMA_MIN = 1e4, 1e-4  # the exact sampler's noise range in σ = √((1−ᾱ)/ᾱ): ᾱ from 1e-8 to 1 − 1e-8
+
+
+def cfg_ode(field, noise, steps, sigma_max=SIGMA_MAX, sigma_min=SIGMA_MIN):
+    """The guided probability-flow ODE in DDIM's variables σ = √((1−ᾱ)/ᾱ), x̄ = a/√ᾱ, where it reads dx̄/dσ = ε̂(a)
+    (DDIM is its Euler method): from a = noise (B, n) at σ_max, Heun's method on `steps` intervals geometric in σ
+    down to σ_min, then the Tweedie step x̄ − σ_min ε̂ to σ = 0. The defaults make it the exact sampler: at σ_max =
+    1e4 every noised law is N(0, I) in a to 1e-4·‖μ‖, and σ_min lies far below the measured directions' posterior
+    std (0.014). sigma_max = σ(ᾱ_999) = 14.6 is the samplers' start instead. Returns latents (B, n) in the
+    original coordinates."""
+    abar = lambda sigma: 1 / (1 + sigma ** 2)
+    grid = np.geomspace(sigma_max, sigma_min, steps + 1).tolist()  # floats: a NumPy scalar × tensor is slow
+    x = noise.double() * (1 + grid[0] ** 2) ** 0.5  # x̄ = a/√ᾱ
+    for s0, s1 in zip(grid[:-1], grid[1:]):
+        d0 = field.eps(x * abar(s0) ** 0.5, abar(s0))
+        guess = x + (s1 - s0) * d0
+        x = x + (s1 - s0) * (d0 + field.eps(guess * abar(s1) ** 0.5, abar(s1))) / 2
+    x = x - grid[-1] * field.eps(x * abar(grid[-1]) ** 0.5, abar(grid[-1]))
+    return x @ field.u.T
+
+
+# Statistics over seeds. Each takes the per-seed arrays of one cell and an index array (..., n): one resample of the
+# n seeds per row, so that a stack of bootstrap resamples or permutations is evaluated at once.
 
 def landing_frequencies(landed, count, index):
-    return np.bincount(landed[index], minlength=count) / len(index)
+    """(..., count) frequency of each component among the seeds of `index`."""
+    return (landed[index][..., None] == np.arange(count)).mean(-2)
 
 
 def total_variation(landed, target, index):
     """½ Σ_k |frequency_k − target_k|."""
-    return 0.5 * np.abs(landing_frequencies(landed, len(target), index) - target).sum()
+    return 0.5 * np.abs(landing_frequencies(landed, len(target), index) - target).sum(-1)
 
 
 def squared_spread(coords, landed):
@@ -149,33 +222,43 @@ def squared_spread(coords, landed):
 
 def spread_ratio(squares, expected, index):
     """Mean within-component squared spread of the solutions over the exact posterior's (its covariance trace in
-    the same directions): 1 = calibrated, → 0 = collapsed to a point, > 1 = over-dispersed."""
-    return np.nanmean(squares[index]) / expected if np.isfinite(squares[index]).any() else float("nan")
+    the same directions): 1 = calibrated, → 0 = collapsed to a point, > 1 = over-dispersed. NaN for a resample
+    without any finite square (every component landed in once)."""
+    picked = squares[index]
+    finite = np.isfinite(picked)
+    count = finite.sum(-1)
+    total = np.where(finite, picked, 0).sum(-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, total / count, np.nan) / expected
 
 
-def wasserstein(reference, n):
-    """W1(sample, reference) as a function of a sample of size n: ∫₀¹ |F⁻¹_sample(q) − F⁻¹_reference(q)| dq, exact,
+def wasserstein(reference):
+    """W1(sample, reference) as a function of a sample (..., n): ∫₀¹ |F⁻¹_sample(q) − F⁻¹_reference(q)| dq, exact,
     with both quantile functions piecewise constant between the breakpoints i/n and j/len(reference)."""
     ref = np.sort(reference)
-    edges = np.union1d(np.arange(n + 1) / n, np.arange(len(ref) + 1) / len(ref))
-    mid, width = (edges[1:] + edges[:-1]) / 2, np.diff(edges)
-    at_ref, at_sample = ref[(mid * len(ref)).astype(int)], (mid * n).astype(int)
-    return lambda sample: (np.abs(np.sort(sample)[at_sample] - at_ref) * width).sum()
+
+    def distance(sample):
+        n = sample.shape[-1]
+        edges = np.union1d(np.arange(n + 1) / n, np.arange(len(ref) + 1) / len(ref))
+        mid, width = (edges[1:] + edges[:-1]) / 2, np.diff(edges)
+        at_ref, at_sample = ref[(mid * len(ref)).astype(int)], (mid * n).astype(int)
+        return (np.abs(np.sort(sample, axis=-1)[..., at_sample] - at_ref) * width).sum(-1)
+    return distance
 
 
 def interval(statistic, n, seed=0, level=0.95, resamples=BOOTSTRAP):
     """(value, low, high): the statistic on all n seeds and its bootstrap percentile interval."""
     rng = np.random.default_rng(seed)
-    values = np.array([statistic(rng.integers(0, n, n)) for _ in range(resamples)])
+    values = np.asarray(statistic(rng.integers(0, n, (resamples, n))), dtype=float)
     values = values[np.isfinite(values)]  # e.g. a spread on a resample that lands in every component once
     low, high = np.percentile(values, [50 * (1 - level), 50 * (1 + level)]) if len(values) else (np.nan, np.nan)
     return float(statistic(np.arange(n))), float(low), float(high)
 
 
-def statistics(bed, z, target_log_weights, reference):
+def statistics(bed, z, target_log_weights, reference, law=None):
     """The statistics of one cell of solutions z (N, 4, 8, 8), one per seed, against the exact posterior with
     weights `target_log_weights`, `reference` holding exact residuals: {name: fn(index array) → value}, and the
-    per-seed data (for the JSON)."""
+    per-seed data (for the JSON). With `law` (K,), the landing law of the exact CFG sampler, also `tv_cfg`."""
     means = bed.means
     z = z.double().flatten(1)
     landed = torch.cdist(z, means).argmin(1)
@@ -187,18 +270,20 @@ def statistics(bed, z, target_log_weights, reference):
     seen, var = bed.measured.numpy(), bed.variance.numpy()
     consistent = (target[landed] >= SUPPORT).astype(float)
     squares_seen, squares_null = squared_spread(coords[:, seen], landed), squared_spread(coords[:, ~seen], landed)
-    residual_w1 = wasserstein(reference, len(landed))  # to the exact posterior's residuals, in noise floors
+    residual_w1 = wasserstein(reference)  # to the exact posterior's residuals, in noise floors
     fns = {
         "tv": lambda i: total_variation(landed, target, i),
         "spread_measured": lambda i: spread_ratio(squares_seen, var[seen].sum(), i),
         "spread_null": lambda i: spread_ratio(squares_null, var[~seen].sum(), i),
-        "residual": lambda i: residuals[i].mean(),
+        "residual": lambda i: residuals[i].mean(-1),
         "residual_w1": lambda i: residual_w1(residuals[i]),
-        "rel_l2": lambda i: rel_l2[i].mean(),
-        "consistent": lambda i: consistent[i].mean(),
+        "rel_l2": lambda i: rel_l2[i].mean(-1),
+        "consistent": lambda i: consistent[i].mean(-1),
     }
+    if law is not None:
+        fns["tv_cfg"] = lambda i: total_variation(landed, np.asarray(law), i)
     for k, caption in enumerate(bed.captions):
-        fns[f"landed_{caption}"] = lambda i, k=k: landing_frequencies(landed, len(target), i)[k]
+        fns[f"landed_{caption}"] = lambda i, k=k: landing_frequencies(landed, len(target), i)[..., k]
     per_seed = {"landed": landed.tolist(), "residual": residuals.round(4).tolist(), "rel_l2": rel_l2.round(5).tolist()}
     return fns, {"target": target.round(6).tolist(), **per_seed}
 
@@ -210,17 +295,62 @@ def intervals(fns, n, seed=0):
 
 def paired_differences(correct, wrong, n, seed=0):
     """{name: interval of (variant − correct)} for the statistics of two cells solved with the same n seeds: the
-    paired difference, resampling seeds jointly, is far tighter than two separate intervals. The intervals are
-    Bonferroni-corrected (95 % jointly over the statistics), so a variant flagged by any is flagged at 5 %."""
-    names = [name for name in correct if not name.startswith("landed_")]
-    level = 1 - 0.05 / len(names)
+    paired difference, resampling seeds jointly, is far tighter than two separate intervals. Bonferroni-corrected
+    (95 % jointly over the statistics). These describe the size of a difference; `flagged` decides by
+    `permutation_pvalues`, whose level is exact."""
+    level = 1 - FAMILY_LEVEL / len(TESTED)
     return {name: interval(lambda i, f=correct[name], g=wrong[name]: g(i) - f(i), n, seed, level, PAIRED_BOOTSTRAP)
-            for name in names}
+            for name in TESTED}
+
+
+def permutation_pvalues(pooled, n, seed=0, resamples=PERMUTATIONS):
+    """{name: two-sided p-value} of the paired sign-flip test of "variant and correct are exchangeable within each
+    seed", for the statistics `pooled` of both cells stacked (seeds 0..n−1 correct, n..2n−1 variant; statistics()
+    of the 2n latents): each resample swaps the two solutions of every seed with probability ½ and recomputes the
+    difference. Under the null every sign pattern is equally likely, so P(p ≤ α) ≤ α exactly, at any n;
+    p = (1 + #{|permuted| ≥ |observed|})/(1 + resamples)."""
+    rng = np.random.default_rng(seed)
+    swap = np.vstack([np.zeros(n, int), rng.integers(0, 2, (resamples, n))])  # row 0: the observed labelling
+    wrong, correct = np.arange(n) + n * (1 - swap), np.arange(n) + n * swap
+    out = {}
+    for name in TESTED:
+        diff = pooled[name](wrong) - pooled[name](correct)
+        observed = abs(diff[0])
+        out[name] = float((1 + (np.abs(diff[1:]) >= observed - 1e-12 * max(observed, 1)).sum()) / (1 + resamples))
+    return out
+
+
+def flagged(pvalues, level=FAMILY_LEVEL):
+    """{name: p-value} of the statistics whose permutation p-value is at most level/(number tested) (Bonferroni:
+    familywise level `level`), smallest first."""
+    out = {name: p for name, p in pvalues.items() if p <= level / len(pvalues)}
+    return dict(sorted(out.items(), key=lambda kv: kv[1]))
+
+
+def bootstrap_flags(differences):
+    """The previous rule, kept to measure its false-flag rate: the statistics whose Bonferroni-corrected paired
+    bootstrap interval excludes 0."""
+    return [name for name, (_, low, high) in differences.items() if low > 0 or high < 0]
+
+
+def false_flag_rate(bed, log_weights, reference, n, repeats, seed=0):
+    """Under a genuine null, two independent cells of n exact posterior draws each, repeated: {rule: (families
+    flagged, repeats)} for the permutation rule (`flagged`) and the bootstrap-interval rule."""
+    generator = torch.Generator().manual_seed(seed)
+    counts = {"permutation": 0, "bootstrap": 0}
+    for r in range(repeats):
+        z = bed.exact_draws(log_weights, 2 * n, generator)[0]
+        pooled, _ = statistics(bed, z, log_weights, reference)
+        first, _ = statistics(bed, z[:n], log_weights, reference)
+        second, _ = statistics(bed, z[n:], log_weights, reference)
+        counts["permutation"] += bool(flagged(permutation_pvalues(pooled, n, seed=r)))
+        counts["bootstrap"] += bool(bootstrap_flags(paired_differences(first, second, n, seed=r)))
+    return {rule: (count, repeats) for rule, count in counts.items()}
 
 
 # Known-wrong variants: patched copies of a solver, compiled from its source with one expression replaced, so the
 # library stays clean and a variant fails loudly (instead of silently becoming the correct solver) if the source moves.
-# The control changes only floating-point rounding (the same maths): the sensitivity check must not flag it.
+# The control (CONTROL, not a variant) is the correct solver on disjoint seeds: a genuine null.
 
 VARIANTS = {  # name: (solver, what is changed, expression in the source, replacement)
     "treg-no-eps-renoise": ("treg", "TReg without the (1−ᾱ')·ε̂ re-noising term",
@@ -230,9 +360,8 @@ VARIANTS = {  # name: (solver, what is changed, expression in the source, replac
     "psld-adjoint": ("psld", "PSLD with Aᵀ in place of A⁺", "op.pinv(y - op.A(x0))", "op.At(y - op.A(x0))"),
     "dps-squared": ("dps", "DPS with the squared norm", "dps_gradient(prior, op, y, z, t, a, eps_fn)",
                     "tweedie_gradient(prior, z, a, eps_fn, lambda z0, x0: residual_norm(op, y, x0) ** 2)"),
-    "control": ("treg", "control: TReg's blend as ẑ0 + ᾱ'(ẑ0ʸ − ẑ0), the same maths (must not be flagged)",
-                "a_prev * z0y + (1 - a_prev) * z0", "z0 + a_prev * (z0y - z0)"),
 }
+CONTROL = ("control", "treg", "control: TReg against TReg on disjoint seeds (a genuine null; must not be flagged)")
 
 
 def patched_copy(fn, old, new):
@@ -250,13 +379,3 @@ def variant(name):
     """(base solver name, patched solver function) of a known-wrong variant."""
     base, _, old, new = VARIANTS[name]
     return base, patched_copy(solvers.SOLVERS[base][0], old, new)
-
-
-def flagged(differences):
-    """{name: strength} of the statistics whose paired-difference interval excludes 0, strongest first; strength is
-    the difference over the half-width of its interval."""
-    out = {}
-    for name, (value, low, high) in differences.items():
-        if low > 0 or high < 0:
-            out[name] = abs(value) / ((high - low) / 2) if high > low else math.inf
-    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
