@@ -28,7 +28,7 @@ INCEPTION_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_
 def statistics(features):
     """Mean (D,) and unbiased covariance (D, D) of (N, D) features, in float64."""
     f = np.asarray(features, dtype=np.float64)
-    return f.mean(0), np.cov(f, rowvar=False)
+    return f.mean(0), np.atleast_2d(np.cov(f, rowvar=False))  # np.cov gives a 0-d array for D = 1
 
 
 def _psd_sqrt(s):
