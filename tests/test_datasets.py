@@ -29,6 +29,32 @@ def test_food101_txt_meta_and_torchvision_parent_folder(food101_dir):
     assert len(everything) == sum(map(len, split.values())) and len(set(everything)) == len(everything)
 
 
+def rel_ids(files, root):
+    return [f.relative_to(root / "images").with_suffix("").as_posix() for f in files]
+
+
+def test_food101_all_classes_follow_the_meta_class_order(food101_dir):
+    """torchvision's Food101 walks test.json's classes in the file's key order (not sorted, not classes.txt); the
+    fixture lists fried_rice, ice_cream, apple_pie, so a sorted or classes.txt order differs in its first id."""
+    root, split = food101_dir
+    in_meta_order = [rel for key in ("fried_rice", "ice_cream", "apple_pie") for rel in split[key]]
+    assert list(split) == ["fried_rice", "ice_cream", "apple_pie"] and list(split) != sorted(split)
+    assert rel_ids(food101(root), root) == in_meta_order
+    (root / "meta" / "test.json").unlink()  # test.txt: classes in the order they first appear
+    assert rel_ids(food101(root), root) == in_meta_order
+
+
+def test_food101_json_is_read_before_txt(food101_dir):
+    """With both meta files present, test.json decides (torchvision reads only the json): a test.txt that lists
+    the classes in another order and one image fewer does not change the list."""
+    root, split = food101_dir
+    txt = [rel for key in ("apple_pie", "ice_cream", "fried_rice") for rel in split[key]][1:]
+    (root / "meta" / "test.txt").write_text("".join(f"{rel}\n" for rel in txt))
+    assert rel_ids(food101(root), root) == [rel for rels in split.values() for rel in rels]
+    (root / "meta" / "test.json").unlink()
+    assert rel_ids(food101(root), root) == txt
+
+
 def bad_cases(root):
     return {
         "unknown class": (("food", root, "ice creams"), ConfigError, "did you mean ice_cream"),

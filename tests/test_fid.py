@@ -50,6 +50,27 @@ def test_fid_of_samples_approaches_the_population_value():
     assert fid.frechet_distance(*fid.statistics(f1), *fid.statistics(f2)) == pytest.approx(closed, abs=0.02)
 
 
+def test_statistics_are_the_mean_and_the_unbiased_covariance_by_outer_products():
+    """pytorch-fid's np.cov: Σ = Σ_n (f_n − f̄)(f_n − f̄)ᵀ / (N − 1), D × D for N ≠ D features. At N = 5 the
+    biased 1/N estimator is 20% smaller, and a covariance over images instead of features has the wrong shape."""
+    rng = np.random.default_rng(7)
+    f = rng.normal(size=(5, 3)) @ rng.normal(size=(3, 3)) + np.array([1.0, -2.0, 0.5])  # correlated features
+    mean = sum(f) / 5
+    outer = sum(np.outer(row - mean, row - mean) for row in f) / 4
+    mu, sigma = fid.statistics(f.astype(np.float32))
+    assert mu.dtype == sigma.dtype == np.float64 and sigma.shape == (3, 3)
+    np.testing.assert_allclose(mu, mean, rtol=1e-6)
+    np.testing.assert_allclose(sigma, outer, rtol=1e-5, atol=1e-6)
+
+
+def test_fid_of_few_one_dimensional_features_is_the_unbiased_closed_form():
+    """For 1-d features FID = (m₁ − m₂)² + (s₁ − s₂)² with s the unbiased standard deviation (N − 1 divisor)."""
+    a, b = np.array([[0.0], [1.0], [3.0]]), np.array([[2.0], [2.5], [6.0], [7.5]])
+    sd = lambda x: (((x - x.mean()) ** 2).sum() / (len(x) - 1)) ** 0.5
+    closed = (a.mean() - b.mean()) ** 2 + (sd(a) - sd(b)) ** 2
+    assert fid.frechet_distance(*fid.statistics(a), *fid.statistics(b)) == pytest.approx(closed, rel=1e-12)
+
+
 def expected_cubic_kernel(m1, s1, m2, s2):
     """E[(xᵀy/d + 1)³] for independent x ~ N(m1, diag s1²), y ~ N(m2, diag s2²), from the cumulants of the sum
     u = Σ_i x_i y_i / d of independent terms."""
