@@ -264,10 +264,12 @@ def fake_pytorch_fid(monkeypatch):
 
         def __init__(self, blocks):
             super().__init__()
+            self.register_buffer("marker", torch.zeros(1))  # follows the model's .to(device)
             built.append(blocks)
 
         def forward(self, x):
-            return [x.mean((1, 2, 3))[:, None, None, None].expand(-1, 2048, 1, 1)]
+            built.append((x.device.type, self.marker.device.type))
+            return [x.mean((1, 2, 3))[:, None, None, None].expand(-1, 2048, 1, 1).to(self.marker.device)]
 
     module = types.ModuleType("pytorch_fid.inception")
     module.InceptionV3 = InceptionV3
@@ -287,4 +289,8 @@ def test_missing_inception_weights_name_the_file_and_folder(monkeypatch, tmp_pat
     (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
     (tmp_path / "hub" / "checkpoints" / fid.INCEPTION_FILE).write_bytes(b"stand-in")
     features = fid.load_inception()(torch.rand(3, 3, 8, 8))
-    assert built == [[3]] and features.shape == (3, 2048) and features.dtype == np.float64
+    assert built == [[3], ("cpu", "cpu")] and features.shape == (3, 2048) and features.dtype == np.float64
+    built.clear()
+    with pytest.raises(NotImplementedError):  # a meta tensor has no data to copy back; where it went is recorded
+        fid.load_inception(device="meta")(torch.rand(1, 3, 8, 8))
+    assert built == [[3], ("meta", "meta")]  # the model and its input are both moved to the device asked for
