@@ -77,7 +77,8 @@ def test_an_embedding_is_taken_as_the_prompt():
 
 def test_exact_draws_have_the_mixtures_mean_and_covariance():
     """2000 draws in 16 dimensions: each mean coordinate within 4.5 standard errors (false-failure rate < 1e-4
-    over the 16) and each covariance entry within 0.15 of the largest (≥ 4.7 of its standard errors, which are ≤ √(2/2000) of it for a Gaussian)."""
+    over the 16) and each covariance entry within 0.15 of the largest, ≥ 4.7 of its standard errors (for a
+    Gaussian ≤ √(2/2000) of the largest)."""
     prior, op, m, y = setting("sr8", 0.05)
     post = exact_posterior(prior, op, y.view(1, 3, 2, 2), "red apple", 0.05)
     w = post.log_weights.exp()
