@@ -104,6 +104,10 @@ def test_kid_subsets_are_clean_fids_100_of_min_n_and_1000_without_replacement(mo
     # without replacement, else repeated images would bias the within-set sums)
     x, y = small, rng.normal(size=(7, 2)) + 0.3
     assert fid.kid(x, y, subsets=4) == pytest.approx(fid.mmd2_unbiased(x, y), rel=1e-12)
+    # float32 features are widened first: the same KID as their float64 copies to float64 precision
+    x32, y32 = (rng.normal(size=(30, 50)) + 0.2).astype(np.float32), rng.normal(size=(30, 50)).astype(np.float32)
+    assert fid.kid(x32, y32, subsets=2) == pytest.approx(fid.kid(x32.astype(np.float64), y32.astype(np.float64),
+                                                                 subsets=2), rel=1e-12)
     # a fixed seed: the same features give the same KID when the subsets are proper
     x, y = rng.normal(size=(1200, 2)), rng.normal(size=(1200, 2))
     assert fid.kid(x, y, subsets=2) == fid.kid(x, y, subsets=2)
