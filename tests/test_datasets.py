@@ -110,3 +110,37 @@ def test_solve_with_an_unknown_class_exits_with_one_line(food101_dir, tmp_path):
         solve.main(["--model", "analytic", "--use_dataloader", "--dataset", "food", "--root", str(food101_dir[0]),
                     "--target", "spaghetti", "--workdir", str(tmp_path / "out")])
     assert str(stop.value.code).startswith("error: --target 'spaghetti'") and not (tmp_path / "out").exists()
+
+
+def test_folder_dataset_skips_other_files_and_folders_named_like_images(food101_dir):
+    images = food101_dir[0] / "images"
+    (images / "apple_pie" / "notes.txt").write_text("not an image")
+    (images / "folder.jpg").mkdir()  # a folder with an image suffix
+    files = dataset_images("ffhq", images)
+    assert len(files) == 9 and all(f.suffix == ".jpg" and f.is_file() for f in files)
+
+
+def test_folder_dataset_errors_name_the_root(tmp_path):
+    with pytest.raises(ImageError, match=f"^dataset root {tmp_path / 'absent'} is not a folder$"):
+        dataset_images("landscape", tmp_path / "absent")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "a.txt").write_text("")
+    with pytest.raises(ImageError) as info:
+        dataset_images("landscape", tmp_path / "empty")
+    assert str(info.value) == f"no images (.bmp, .jpeg, .jpg, .png, .tif, .tiff, .webp) under {tmp_path / 'empty'}"
+
+
+@pytest.mark.parametrize("flags", [{"dataset": "food"}, {"root": "x"}, {"target": "ice_cream"}])
+def test_each_dataset_flag_alone_needs_use_dataloader(food101_dir, flags):
+    with pytest.raises(ConfigError) as info:
+        input_images(food101_dir[0], **flags)
+    assert str(info.value) == "--dataset, --root and --target need --use_dataloader (as in the official CLI)"
+
+
+def test_without_use_dataloader_the_image_path_is_read(food101_dir):
+    folder = food101_dir[0] / "images" / "ice_cream"
+    assert input_images(folder) == sorted(folder.iterdir())  # the default is not the dataloader
+    with pytest.raises(ConfigError) as info:
+        input_images(folder, True)
+    assert str(info.value) == ("--use_dataloader needs --dataset (one of food, ffhq, afhq, landscape, imagenet1k, "
+                               "imagenet1k_i2sb, imagenet_pair)")
