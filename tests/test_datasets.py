@@ -144,3 +144,23 @@ def test_without_use_dataloader_the_image_path_is_read(food101_dir):
         input_images(folder, True)
     assert str(info.value) == ("--use_dataloader needs --dataset (one of food, ffhq, afhq, landscape, imagenet1k, "
                                "imagenet1k_i2sb, imagenet_pair)")
+
+
+def test_unreadable_or_misshapen_meta_json_is_one_line(food101_dir):
+    root = food101_dir[0]
+    meta = root / "meta" / "test.json"
+    meta.write_text("{not json")
+    with pytest.raises(ImageError) as info:
+        food101(root)
+    assert str(info.value).startswith(f"cannot read {meta}: Expecting property name") and "\n" not in str(info.value)
+    meta.write_text("[]")
+    with pytest.raises(ImageError) as info:
+        food101(root)
+    assert str(info.value) == f"{meta} must map each class to its image ids"
+
+
+def test_unknown_dataset_key_lists_the_keys(food101_dir):
+    with pytest.raises(ConfigError) as info:
+        dataset_images("celeba", food101_dir[0])
+    assert str(info.value) == ("--dataset must be one of food, ffhq, afhq, landscape, imagenet1k, imagenet1k_i2sb, "
+                               "imagenet_pair, got 'celeba'")
