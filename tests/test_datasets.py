@@ -164,3 +164,18 @@ def test_unknown_dataset_key_lists_the_keys(food101_dir):
         dataset_images("celeba", food101_dir[0])
     assert str(info.value) == ("--dataset must be one of food, ffhq, afhq, landscape, imagenet1k, imagenet1k_i2sb, "
                                "imagenet_pair, got 'celeba'")
+
+
+def test_food101_needs_both_images_and_meta_and_reads_the_split_asked_for(food101_dir, tmp_path):
+    root, split = food101_dir
+    half = tmp_path / "half"
+    (half / "images").mkdir(parents=True)  # images/ without meta/ is not a Food-101 folder
+    with pytest.raises(ImageError) as info:
+        food101(half)
+    assert str(info.value) == (f"{half} is not a Food-101 folder: expected images/<class>/<id>.jpg and meta/test.json "
+                               f"(or meta/test.txt) in it or in {half / 'food-101'}")
+    (root / "meta" / "train.json").write_text(json.dumps({"apple_pie": split["apple_pie"][:1]}))
+    assert rel_ids(food101(root, split="train"), root) == split["apple_pie"][:1]
+    with pytest.raises(ImageError) as info:
+        food101(root, split="val")
+    assert str(info.value) == f"no meta/val.json or meta/val.txt in {root}"
