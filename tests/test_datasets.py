@@ -29,6 +29,32 @@ def test_food101_txt_meta_and_torchvision_parent_folder(food101_dir):
     assert len(everything) == sum(map(len, split.values())) and len(set(everything)) == len(everything)
 
 
+def rel_ids(files, root):
+    return [f.relative_to(root / "images").with_suffix("").as_posix() for f in files]
+
+
+def test_food101_all_classes_follow_the_meta_class_order(food101_dir):
+    """torchvision's Food101 walks test.json's classes in the file's key order (not sorted, not classes.txt); the
+    fixture lists fried_rice, ice_cream, apple_pie, so a sorted or classes.txt order differs in its first id."""
+    root, split = food101_dir
+    in_meta_order = [rel for key in ("fried_rice", "ice_cream", "apple_pie") for rel in split[key]]
+    assert list(split) == ["fried_rice", "ice_cream", "apple_pie"] and list(split) != sorted(split)
+    assert rel_ids(food101(root), root) == in_meta_order
+    (root / "meta" / "test.json").unlink()  # test.txt: classes in the order they first appear
+    assert rel_ids(food101(root), root) == in_meta_order
+
+
+def test_food101_json_is_read_before_txt(food101_dir):
+    """With both meta files present, test.json decides (torchvision reads only the json): a test.txt that lists
+    the classes in another order and one image fewer does not change the list."""
+    root, split = food101_dir
+    txt = [rel for key in ("apple_pie", "ice_cream", "fried_rice") for rel in split[key]][1:]
+    (root / "meta" / "test.txt").write_text("".join(f"{rel}\n" for rel in txt))
+    assert rel_ids(food101(root), root) == [rel for rels in split.values() for rel in rels]
+    (root / "meta" / "test.json").unlink()
+    assert rel_ids(food101(root), root) == txt
+
+
 def bad_cases(root):
     return {
         "unknown class": (("food", root, "ice creams"), ConfigError, "did you mean ice_cream"),
@@ -84,3 +110,72 @@ def test_solve_with_an_unknown_class_exits_with_one_line(food101_dir, tmp_path):
         solve.main(["--model", "analytic", "--use_dataloader", "--dataset", "food", "--root", str(food101_dir[0]),
                     "--target", "spaghetti", "--workdir", str(tmp_path / "out")])
     assert str(stop.value.code).startswith("error: --target 'spaghetti'") and not (tmp_path / "out").exists()
+
+
+def test_folder_dataset_skips_other_files_and_folders_named_like_images(food101_dir):
+    images = food101_dir[0] / "images"
+    (images / "apple_pie" / "notes.txt").write_text("not an image")
+    (images / "folder.jpg").mkdir()  # a folder with an image suffix
+    files = dataset_images("ffhq", images)
+    assert len(files) == 9 and all(f.suffix == ".jpg" and f.is_file() for f in files)
+
+
+def test_folder_dataset_errors_name_the_root(tmp_path):
+    with pytest.raises(ImageError, match=f"^dataset root {tmp_path / 'absent'} is not a folder$"):
+        dataset_images("landscape", tmp_path / "absent")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "a.txt").write_text("")
+    with pytest.raises(ImageError) as info:
+        dataset_images("landscape", tmp_path / "empty")
+    assert str(info.value) == f"no images (.bmp, .jpeg, .jpg, .png, .tif, .tiff, .webp) under {tmp_path / 'empty'}"
+
+
+@pytest.mark.parametrize("flags", [{"dataset": "food"}, {"root": "x"}, {"target": "ice_cream"}])
+def test_each_dataset_flag_alone_needs_use_dataloader(food101_dir, flags):
+    with pytest.raises(ConfigError) as info:
+        input_images(food101_dir[0], **flags)
+    assert str(info.value) == "--dataset, --root and --target need --use_dataloader (as in the official CLI)"
+
+
+def test_without_use_dataloader_the_image_path_is_read(food101_dir):
+    folder = food101_dir[0] / "images" / "ice_cream"
+    assert input_images(folder) == sorted(folder.iterdir())  # the default is not the dataloader
+    with pytest.raises(ConfigError) as info:
+        input_images(folder, True)
+    assert str(info.value) == ("--use_dataloader needs --dataset (one of food, ffhq, afhq, landscape, imagenet1k, "
+                               "imagenet1k_i2sb, imagenet_pair)")
+
+
+def test_unreadable_or_misshapen_meta_json_is_one_line(food101_dir):
+    root = food101_dir[0]
+    meta = root / "meta" / "test.json"
+    meta.write_text("{not json")
+    with pytest.raises(ImageError) as info:
+        food101(root)
+    assert str(info.value).startswith(f"cannot read {meta}: Expecting property name") and "\n" not in str(info.value)
+    meta.write_text("[]")
+    with pytest.raises(ImageError) as info:
+        food101(root)
+    assert str(info.value) == f"{meta} must map each class to its image ids"
+
+
+def test_unknown_dataset_key_lists_the_keys(food101_dir):
+    with pytest.raises(ConfigError) as info:
+        dataset_images("celeba", food101_dir[0])
+    assert str(info.value) == ("--dataset must be one of food, ffhq, afhq, landscape, imagenet1k, imagenet1k_i2sb, "
+                               "imagenet_pair, got 'celeba'")
+
+
+def test_food101_needs_both_images_and_meta_and_reads_the_split_asked_for(food101_dir, tmp_path):
+    root, split = food101_dir
+    half = tmp_path / "half"
+    (half / "images").mkdir(parents=True)  # images/ without meta/ is not a Food-101 folder
+    with pytest.raises(ImageError) as info:
+        food101(half)
+    assert str(info.value) == (f"{half} is not a Food-101 folder: expected images/<class>/<id>.jpg and meta/test.json "
+                               f"(or meta/test.txt) in it or in {half / 'food-101'}")
+    (root / "meta" / "train.json").write_text(json.dumps({"apple_pie": split["apple_pie"][:1]}))
+    assert rel_ids(food101(root, split="train"), root) == split["apple_pie"][:1]
+    with pytest.raises(ImageError) as info:
+        food101(root, split="val")
+    assert str(info.value) == f"no meta/val.json or meta/val.txt in {root}"

@@ -66,3 +66,41 @@ def test_randn_per_image_generators_are_batch_independent():
     batch = randn((2, 4, 3, 3), [torch.Generator().manual_seed(1), torch.Generator().manual_seed(7)], "cpu")
     assert torch.equal(batch[1:], alone)
     assert not torch.equal(batch[:1], alone)
+
+
+@pytest.mark.parametrize("shift", [True, False])
+def test_schedule_reads_the_given_alphas_at_t_minus_the_shift_on_their_own_grid(shift):
+    """A 100-step training schedule ᾱ_i = 1 − i/200 (any array works): 10 steps of skip 10 at t = 91, 81, …, 1,
+    ᾱ = ᾱ_{t−s}, ᾱ' = ᾱ_{t−10−s} (s = 1 with the official shift), and ᾱ_0 where that index is negative."""
+    ac = 1 - torch.arange(100, dtype=torch.float32) / 200
+    s = 1 if shift else 0
+    expected = [(t, 1 - (t - s) / 200, 1 - (t - 10 - s) / 200 if t - 10 - s >= 0 else 1.0)
+                for t in range(91, 0, -10)]
+    got = schedule(ac, 10, official_shift=shift)
+    assert [t for t, _, _ in got] == [t for t, _, _ in expected]
+    for (_, a, a_prev), (_, a_ref, prev_ref) in zip(got, expected):
+        assert a == pytest.approx(a_ref, abs=1e-7) and a_prev == pytest.approx(prev_ref, abs=1e-7)
+    assert all(isinstance(v, float) for _, a, p in got for v in (a, p))
+    assert schedule(ac, 10) == schedule(ac, 10, official_shift=True)  # the official shift is the default
+
+
+def test_ddim_step_with_sigma_adds_the_scaled_noise_and_shrinks_the_eps_term():
+    z0, eps, noise = torch.tensor([0.5]), torch.tensor([-1.0]), torch.tensor([2.0])
+    a_prev, sigma = 0.64, 0.3
+    expected = 0.8 * 0.5 + (1 - 0.64 - 0.09) ** 0.5 * -1.0 + 0.3 * 2.0
+    assert ddim_step(z0, eps, a_prev, sigma, noise).item() == pytest.approx(expected, rel=1e-6)
+    assert ddim_step(z0, eps, a_prev).item() == pytest.approx(0.8 * 0.5 - 0.6, rel=1e-6)
+    assert tweedie(torch.tensor([0.7]), eps, 0.36).item() == pytest.approx((0.7 + 0.8) / 0.6, rel=1e-6)
+
+
+def test_randn_checks_the_generator_count_and_draws_on_the_generators_device():
+    with pytest.raises(ValueError, match="^2 generators for a batch of 3$"):
+        randn((3, 1), [torch.Generator(), torch.Generator()], "cpu")
+    x = randn((2, 3), torch.Generator().manual_seed(4), "meta")
+    assert x.device.type == "meta" and x.shape == (2, 3) and x.dtype == torch.float32
+    torch.testing.assert_close(randn((2, 3), torch.Generator().manual_seed(4), "cpu"),
+                               torch.randn((2, 3), generator=torch.Generator().manual_seed(4)))
+    torch.manual_seed(5)
+    unseeded = randn((2, 3), None, "cpu")
+    torch.manual_seed(5)
+    assert torch.equal(unseeded, torch.randn(2, 3))  # no generator: torch's global one

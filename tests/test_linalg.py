@@ -85,3 +85,38 @@ def test_prox_with_large_lambda_stays_at_x0(sr):
     x0 = torch.randn(1, 3, 64, 64, dtype=torch.float64)
     x = prox(sr, x0, torch.randn(1, 3, 16, 16, dtype=torch.float64), lamb=1e6, iters=5)
     assert (x - x0).norm() < 1e-5 * x0.norm()
+
+
+class DenseOperator:
+    """A = a (m × n) matrix on (B, n) vectors, counting how often A is applied."""
+
+    def __init__(self, a):
+        self.a, self.calls = a, 0
+
+    def A(self, x):
+        self.calls += 1
+        return x @ self.a.T
+
+    def At(self, y):
+        return y @ self.a
+
+
+def test_prox_is_the_dense_regularised_solve_and_stops_at_its_tolerance():
+    """n CG steps solve the n × n normal equations (AᵀA + λI) x = Aᵀy + λx0 exactly; a tol above the first
+    residual returns x0 untouched; the default tol (0) and a tol below the residuals run every step. The scale
+    is chosen so that every residual norm is below 1."""
+    g = torch.Generator().manual_seed(2)
+    op = DenseOperator(torch.randn(8, 6, generator=g, dtype=torch.float64))
+    x0, y = 1e-3 * torch.randn(2, 6, generator=g, dtype=torch.float64), 1e-3 * torch.randn(2, 8, generator=g,
+                                                                                          dtype=torch.float64)
+    lamb = 0.3
+    dense = torch.linalg.solve(op.a.T @ op.a + lamb * torch.eye(6, dtype=torch.float64), (y @ op.a + lamb * x0).T).T
+    torch.testing.assert_close(prox(op, x0, y, lamb, iters=6), dense, rtol=1e-9, atol=1e-12)
+    first = (y @ op.a + lamb * x0 - (x0 @ op.a.T) @ op.a - lamb * x0).norm(dim=1).max().item()
+    assert first < 1
+    op.calls = 0
+    assert torch.equal(prox(op, x0, y, lamb, iters=6, tol=1.01 * first), x0) and op.calls == 1
+    for tol in ({}, {"tol": 1e-30}):
+        op.calls = 0
+        prox(op, x0, y, lamb, iters=4, **tol)
+        assert op.calls == 5  # the initial residual and 4 steps

@@ -28,7 +28,7 @@ INCEPTION_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_
 def statistics(features):
     """Mean (D,) and unbiased covariance (D, D) of (N, D) features, in float64."""
     f = np.asarray(features, dtype=np.float64)
-    return f.mean(0), np.cov(f, rowvar=False)
+    return f.mean(0), np.atleast_2d(np.cov(f, rowvar=False))  # np.cov gives a 0-d array for D = 1
 
 
 def _psd_sqrt(s):
@@ -37,11 +37,12 @@ def _psd_sqrt(s):
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2):
-    """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2)."""
-    root1 = _psd_sqrt(np.asarray(sigma1, dtype=np.float64))
-    middle = root1 @ np.asarray(sigma2, dtype=np.float64) @ root1
+    """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2), in float64 whatever the inputs' dtype."""
+    mu1, sigma1, mu2, sigma2 = (np.asarray(a, dtype=np.float64) for a in (mu1, sigma1, mu2, sigma2))
+    root1 = _psd_sqrt(sigma1)
+    middle = root1 @ sigma2 @ root1
     cross = np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2), 0, None)).sum()
-    diff = np.asarray(mu1, dtype=np.float64) - np.asarray(mu2, dtype=np.float64)
+    diff = mu1 - mu2
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * cross)
 
 
