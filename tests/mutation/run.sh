@@ -12,6 +12,7 @@ scratch=${MUTATION_DIR:-$(mktemp -d /tmp/mutation.XXXXXX)}
 mkdir -p "$scratch"
 (cd "$root" && git ls-files -co --exclude-standard | grep -v '^tests/mutation/' | tar -cf - -T -) | tar -xf - -C "$scratch"
 cd "$scratch"
+python "$root/tests/mutation/undecorate.py" "$module"  # mutmut skips decorated functions (the solvers' loops)
 {
   echo "[mutmut]"
   echo "source_paths=treg"
