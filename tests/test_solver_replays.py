@@ -6,12 +6,14 @@ import math
 
 import pytest
 import torch
+import torch._dynamo  # noqa: F401 (torch.optim's first step imports it, ~10 s: here it happens once, at collection)
 
 from treg.analytic import AnalyticPrior
 from treg.images import load_image
 from treg.operators import build_operator
-from treg.solvers import (WEIGHTINGS, DDIMConfig, DPSConfig, P2LConfig, REDDiffConfig, TRegConfig,
-                          adaptive_negation, ddim, dps, p2l, reddiff, snr_weight, treg)
+from treg.analytic import sd15_alphas_cumprod
+from treg.solvers import (WEIGHTINGS, DDIMConfig, DPSConfig, P2LConfig, PSLDConfig, REDDiffConfig, TRegConfig,
+                          adaptive_negation, ddim, dps, p2l, psld, reddiff, snr_weight, treg)
 
 NULL_PROMPT = "out of focus, depth of field"
 STEPS = 8
@@ -72,6 +74,11 @@ def residual(op, y, x):
     return (y - op.A(x)).flatten(1).norm(dim=1)
 
 
+def check_steps(seen, ts, steps):
+    """The documented callback keys: i, steps and t at every step, in order."""
+    assert [(info["i"], info["steps"], info["t"]) for info in seen] == [(i, steps, t) for i, t in enumerate(ts)]
+
+
 # --- DDIM and latent DPS --------------------------------------------------------------------------------------------
 
 
@@ -84,11 +91,10 @@ def test_ddim_replays_cfg_ddim(bed, shift):
     x = ddim(prior, op, y, DDIMConfig(steps=STEPS, cfg_guidance=w, official_shift=shift), c=c[:1], uc=uc[:1],
              generator=generators(), callback=seen.append)
     z = start_noise()
-    assert [info["i"] for info in seen] == list(range(STEPS)) and all(info["steps"] == STEPS for info in seen)
+    check_steps(seen, [t for t, _, _ in grid(prior, STEPS, shift)], STEPS)
     for info, (t, a, a_prev) in zip(seen, grid(prior, STEPS, shift), strict=True):
         eps = cfg_eps(prior, z, t, uc, c, w)
         z0 = clean(z, eps, a)
-        assert info["t"] == t
         close(info["z0"], z0, 1e-5)
         z = a_prev ** 0.5 * z0 + (1 - a_prev) ** 0.5 * eps
     close(x, prior.decode(z0), 1e-5)
@@ -101,36 +107,66 @@ def test_dps_replays_the_autograd_step(bed):
     x = dps(prior, op, y, DPSConfig(steps=STEPS, cfg_guidance=w, step_size=zeta), c=c[:1], uc=uc[:1],
             generator=generators(), callback=seen.append)
     z = start_noise()
+    check_steps(seen, [t for t, _, _ in grid(prior, STEPS)], STEPS)
     for info, (t, a, a_prev) in zip(seen, grid(prior, STEPS), strict=True):
         with torch.enable_grad():
             z_ = z.clone().requires_grad_()
             eps = cfg_eps(prior, z_, t, uc, c, w)
             z0 = clean(z_, eps, a)
             grad, = torch.autograd.grad(residual(op, y, prior.decode(z0)).sum(), z_)
-        assert info["t"] == t
         close(info["z0"], z0.detach(), 1e-5)
         z = a_prev ** 0.5 * z0.detach() + (1 - a_prev) ** 0.5 * eps.detach() - zeta * grad
     close(x, prior.decode(z0.detach()), 1e-5)
 
 
+def test_psld_replays_the_autograd_step_with_a_dense_pseudo_inverse(bed):
+    """PSLD: z' = √ᾱ'·ẑ0 + √(1−ᾱ')·ε̂ − ∇_z Σ_b [ω‖y − A D(ẑ0)‖ + γ‖ẑ0 − E(A⁺y + (I − A⁺A) D(ẑ0))‖], written with
+    a dense A⁺ = torch.linalg.pinv(A), the CFG ε̂ and diffusers' ᾱ indexing; ω, γ away from their defaults."""
+    prior, op, y, uc, c = bed
+    cfg = PSLDConfig(steps=STEPS, cfg_guidance=2.0, official_shift=False, omega=0.7, gamma=0.3)
+    seen = []
+    x = psld(prior, op, y, cfg, c=c[:1], uc=uc[:1], generator=generators(), callback=seen.append)
+    dense = torch.kron(op.matrix.double(), op.matrix.double())
+    apply = lambda m, v, n: (m @ v.flatten(2)[..., None]).reshape(*v.shape[:2], n, n)
+    A, A_pinv = (lambda v: apply(dense, v, 8)), (lambda v: apply(torch.linalg.pinv(dense), v, 32))
+    close(seen[0]["z"], start_noise(), 0)
+    check_steps(seen, [t for t, _, _ in grid(prior, STEPS, False)], STEPS)
+    for i, (info, (t, a, a_prev)) in enumerate(zip(seen, grid(prior, STEPS, False), strict=True)):
+        with torch.enable_grad():
+            z_ = info["z"].double().requires_grad_()
+            eps = cfg_eps(prior, z_, t, uc, c, cfg.cfg_guidance)
+            z0 = clean(z_, eps, a)
+            x0 = prior.decode(z0)
+            glued = prior.encode(A_pinv(y) + x0 - A_pinv(A(x0)))
+            loss = cfg.omega * (y - A(x0)).flatten(1).norm(dim=1) + cfg.gamma * (z0 - glued).flatten(1).norm(dim=1)
+            grad, = torch.autograd.grad(loss.sum(), z_)
+        eps, z0 = eps.detach(), z0.detach()
+        close(info["z0"], z0, 1e-5)
+        close(info["eps"], eps, 1e-5)
+        if i + 1 < STEPS:
+            close(seen[i + 1]["z"], a_prev ** 0.5 * z0 + (1 - a_prev) ** 0.5 * eps - grad, 1e-5)
+    close(x, prior.decode(z0), 1e-5)
+
+
 # --- P2L ------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("tuning", ["every_step", "first_step"])
-def test_p2l_replays_adam_on_the_prompt_then_dps(bed, tuning):
+@pytest.mark.parametrize("tuning, shift", [("every_step", True), ("first_step", False)])
+def test_p2l_replays_adam_on_the_prompt_then_dps(bed, tuning, shift):
     """P2L: per tuned step, `prompt_iters` Adam steps on c for Σ_b ‖y_b − A D(ẑ0(z; c_b))‖² (conditional ε, z
     fixed; one Adam state for the solve; "first_step" tunes at step 0 only), then a DPS step with the CFG ε̂
     between the null text and the tuned prompt, step ζ."""
     prior, op, y, uc, c = bed
     cfg = P2LConfig(steps=STEPS, cfg_guidance=2.5, prompt_lr=0.05, prompt_iters=2, step_size=0.3,
-                    prompt_tuning=tuning)
+                    prompt_tuning=tuning, official_shift=shift)
     wrong = prior.embed(["a rocket launch"]).double()
     seen = []
     x = p2l(prior, op, y, cfg, c=wrong, uc=uc[:1], generator=generators(), callback=seen.append)
     prompt = wrong.expand(2, -1, -1).clone().requires_grad_()
     opt = torch.optim.Adam([prompt], lr=cfg.prompt_lr)
     close(seen[0]["z"], start_noise(), 0)
-    for i, (info, (t, a, a_prev)) in enumerate(zip(seen, grid(prior, STEPS), strict=True)):
+    check_steps(seen, [t for t, _, _ in grid(prior, STEPS, shift)], STEPS)
+    for i, (info, (t, a, a_prev)) in enumerate(zip(seen, grid(prior, STEPS, shift), strict=True)):
         z = info["z"]  # float32, as the solver's state: Adam's normalised steps amplify float32 vs float64 gaps
         for _ in range(cfg.prompt_iters if tuning == "every_step" or i == 0 else 0):
             with torch.enable_grad():
@@ -187,6 +223,7 @@ def test_reddiff_replays_adam_on_the_written_out_loss(bed, weighting):
     ts = [1000 // 4 * k + 1 for k in reversed(range(4))]
     levels = [math.sqrt((1 - prior.alphas_cumprod[t].item()) / prior.alphas_cumprod[t].item()) for t in ts]
     assert min(levels) < 1 < max(levels)
+    check_steps(seen, ts, 4)
     for info, t, s in zip(seen, ts, levels, strict=True):
         a = prior.alphas_cumprod[t].item()
         noise = torch.cat([torch.randn(1, 4, 4, 4, generator=g) for g in gens]).double()
@@ -198,9 +235,18 @@ def test_reddiff_replays_adam_on_the_written_out_loss(bed, weighting):
             opt.zero_grad()
             loss.backward()
         opt.step()
-        assert info["t"] == t
         close(info["z0"], z.detach(), 1e-10)
     close(x, prior.decode(z.detach()), 1e-10)
+
+
+def test_reddiff_sweeps_the_priors_own_training_grid(bed):
+    """The timesteps follow the prior's number of training steps: with a 500-step ᾱ the grid is 1 + 125·k."""
+    prior, op, y, uc, c = bed
+    short = AnalyticPrior(prior.captions, means=prior.means(4, 4), std=prior.std, beta=prior.beta)
+    short.alphas_cumprod = sd15_alphas_cumprod(500)
+    seen = []
+    reddiff(short, op, y, REDDiffConfig(steps=4), c=c[:1], uc=uc[:1], generator=generators(), callback=seen.append)
+    check_steps(seen, [376, 251, 126, 1], 4)
 
 
 # --- adaptive negation ----------------------------------------------------------------------------------------------
@@ -247,20 +293,20 @@ def dense_prox(op, x0, y, lamb):
 
 def test_treg_replays_negation_dps_and_an_exact_prox(bed):
     """TReg with adaptive negation, the DPS branch with a fixed step, diffusers' ᾱ indexing, data consistency every
-    2nd step until half-way, and CG run to convergence (tol 0): x0ʸ is the dense prox of D(ẑ0) with λ; the null
+    2nd step while i < 6 of 10, and CG run to convergence (tol 0): x0ʸ is the dense prox of D(ẑ0) with λ; the null
     text moves by −iters·lr·sign(f̂(x0ʸ)) at each data-consistency step and the later steps read the moved one."""
     prior, op, y, uc, c = bed
-    cfg = TRegConfig(steps=10, cfg_guidance=3.0, official_shift=False, dc_every=2, dc_until=0.5, cg_iters=60,
+    cfg = TRegConfig(steps=10, cfg_guidance=3.0, official_shift=False, dc_every=2, dc_until=0.6, cg_iters=60,
                      cg_lamb=3e-3, cg_tol=0.0, use_AN=True, null_lr=0.05, null_iters=3, use_DPS=True, dps_lamb=0.2)
     seen = []
     x = treg(prior, op, y, cfg, c=c[:1], uc=uc[:1], generator=generators(), callback=seen.append)
-    dc_steps = [0, 2, 4]  # i % 2 == 0 and i < round(0.5·10)
+    dc_steps = [0, 2, 4]  # i % 2 == 0 and i < round(0.6·10): step 6 is the first past the end
     assert [i for i, info in enumerate(seen) if "x0y" in info] == dc_steps
     close(seen[0]["z"], start_noise(), 0)
     null = uc.clone()
+    check_steps(seen, [t for t, _, _ in grid(prior, 10, shift=False)], 10)
     for i, (info, (t, a, a_prev)) in enumerate(zip(seen, grid(prior, 10, shift=False), strict=True)):
         z = info["z"].double()
-        assert info["t"] == t
         if i in dc_steps:
             eps = cfg_eps(prior, z, t, null, c, cfg.cfg_guidance)
             z0 = clean(z, eps, a)
