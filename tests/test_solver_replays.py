@@ -100,15 +100,17 @@ def test_ddim_replays_cfg_ddim(bed, shift):
     close(x, prior.decode(z0), 1e-5)
 
 
-def test_dps_replays_the_autograd_step(bed):
-    """Latent DPS: z' = √ᾱ'·ẑ0 + √(1−ᾱ')·ε̂ − ζ·∇_z Σ_b ‖y_b − A D(ẑ0(z_b))‖ with the gradient through the CFG ε̂."""
+@pytest.mark.parametrize("shift", [True, False])
+def test_dps_replays_the_autograd_step(bed, shift):
+    """Latent DPS: z' = √ᾱ'·ẑ0 + √(1−ᾱ')·ε̂ − ζ·∇_z Σ_b ‖y_b − A D(ẑ0(z_b))‖ with the gradient through the CFG ε̂;
+    both ᾱ indexings."""
     prior, op, y, uc, c = bed
     w, zeta, seen = 2.0, 0.3, []
-    x = dps(prior, op, y, DPSConfig(steps=STEPS, cfg_guidance=w, step_size=zeta), c=c[:1], uc=uc[:1],
-            generator=generators(), callback=seen.append)
+    x = dps(prior, op, y, DPSConfig(steps=STEPS, cfg_guidance=w, step_size=zeta, official_shift=shift), c=c[:1],
+            uc=uc[:1], generator=generators(), callback=seen.append)
     z = start_noise()
-    check_steps(seen, [t for t, _, _ in grid(prior, STEPS)], STEPS)
-    for info, (t, a, a_prev) in zip(seen, grid(prior, STEPS), strict=True):
+    check_steps(seen, [t for t, _, _ in grid(prior, STEPS, shift)], STEPS)
+    for info, (t, a, a_prev) in zip(seen, grid(prior, STEPS, shift), strict=True):
         with torch.enable_grad():
             z_ = z.clone().requires_grad_()
             eps = cfg_eps(prior, z_, t, uc, c, w)
