@@ -127,3 +127,15 @@ def test_cci_starts_from_the_inversion_when_asked(bed, monkeypatch):
     assert not torch.allclose(first[0], plain[0])
     floor = 0.01 * y.numel() ** 0.5
     assert (y - op.A(x)).norm() < 1.5 * floor
+
+
+@pytest.mark.parametrize("solver, config", [(treg, TRegConfig), (dps, DPSConfig)])
+def test_renoised_warm_start_draws_from_the_solvers_generator(bed, solver, config):
+    """The re-noised start (init_invert_t < init_t) draws its noise from the generator given to the solver: the same
+    seed gives the same image, whatever the global RNG did in between; another seed another image."""
+    prior, op, _, y, c, uc = bed
+    cfg = config(steps=10, init="inversion", init_t=300, init_invert_t=100)
+    run = lambda seed: solver(prior, op, y, cfg, c=c, uc=uc, generator=torch.Generator().manual_seed(seed))
+    first = run(3)
+    torch.randn(100)  # the global RNG moves on
+    assert torch.equal(run(3), first) and not torch.allclose(run(4), first)
