@@ -75,16 +75,8 @@ def blur_speed(size=512, kernel_size=61, repeats=3):
     x = torch.randn(1, 3, size, size)
     weight = op.kernel.flip(-1, -2).expand(3, 1, -1, -1).to(x)
 
-    def best(fn):
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return min(times)
-
-    fft = best(lambda: op.A(x))
-    direct = best(lambda: F.conv2d(x, weight, padding=kernel_size // 2, groups=3))
+    fft = best_of(lambda: op.A(x), repeats)
+    direct = best_of(lambda: F.conv2d(x, weight, padding=kernel_size // 2, groups=3), repeats)
     return {"fft_s": fft, "conv2d_s": direct, "speedup": direct / fft}
 
 
