@@ -104,3 +104,42 @@ def test_randn_checks_the_generator_count_and_draws_on_the_generators_device():
     unseeded = randn((2, 3), None, "cpu")
     torch.manual_seed(5)
     assert torch.equal(unseeded, torch.randn(2, 3))  # no generator: torch's global one
+
+
+def test_grid_bounds_one_and_num_train_steps_and_the_clamped_top():
+    """1 step is t = 1; 1000 steps (the default num_train) start at the clamped t = 999, and their first
+    levels are ᾱ_999 → ᾱ_998 with the official shift and ᾱ_999 → ᾱ_999 (the no-op) without it."""
+    assert timesteps(1) == [1]
+    grid = timesteps(1000)
+    assert len(grid) == 1000 and grid[:3] == [999, 999, 998] and grid[-1] == 1
+    ac = sd_scheduler().alphas_cumprod
+    for shift, prev in [(True, 998), (False, 999)]:
+        first = schedule(ac, 1000, official_shift=shift)[0]
+        assert first == (999, pytest.approx(ac[999].item(), rel=1e-12), pytest.approx(ac[prev].item(), rel=1e-12))
+    for bad in (0, 1001):
+        with pytest.raises(ValueError, match=rf"^steps must be in \[1, 1000\], got {bad}$"):
+            timesteps(bad)
+
+
+class TimeAwarePrior:
+    def eps(self, z, t, e):
+        return z * t + e  # depends on z, t and the embedding, per batch element
+
+
+@pytest.mark.parametrize("w", [0.0, 1.0, 3.5])
+def test_cfg_passes_t_and_splits_a_batch_of_three(w):
+    z = torch.arange(3 * 2, dtype=torch.float64).reshape(3, 2)
+    uc, c = torch.full((3, 2), -1.0, dtype=torch.float64), torch.arange(6, dtype=torch.float64).reshape(3, 2)
+    expected = (z * 7 + uc) + w * ((z * 7 + c) - (z * 7 + uc))
+    torch.testing.assert_close(cfg(TimeAwarePrior(), z, 7, uc, c, w), expected)
+
+
+def test_randn_draws_on_the_generators_device_whatever_torchs_default_device():
+    """The same seed gives the same noise whether or not the caller set a default device (here meta)."""
+    reference = torch.randn((2, 3), generator=torch.Generator().manual_seed(4))
+    with torch.device("meta"):
+        single = randn((2, 3), torch.Generator().manual_seed(4), "cpu")
+        per_image = randn((2, 3), [torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)], "cpu")
+    torch.testing.assert_close(single, reference)
+    torch.testing.assert_close(per_image, torch.cat([reference[:1], reference[:1]]))
+    assert randn((2, 3), [torch.Generator(), torch.Generator()], "meta").device.type == "meta"
