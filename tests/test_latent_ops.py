@@ -165,3 +165,59 @@ def test_surrogate_refuses_what_it_cannot_stand_in_for(op):
     with pytest.raises(ConfigError, match="only for inpainting and ×8/×16 SR"):
         LatentSurrogate(op, 8)
 
+
+
+@pytest.mark.parametrize("name,rtol,kept", [("sr16", 0.9, 9), ("blur", 1.0, 1)])
+def test_decoded_operator_truncates_at_the_operators_own_pinv_rtol_inclusively(prior, name, rtol, kept, one_thread):
+    """An operator's `pinv_rtol` sets the cut: singular values s ≥ rtol·max are kept (sr16's 12 are 1 (×3) … 0.84,
+    9 of them ≥ 0.9; blur's largest is unique, and rtol = 1 keeps exactly it, by ≥), the rest count as 0 in the
+    pinv and the SVD."""
+    spec, _ = OPERATORS[name]
+    op = build_operator(spec[0], SIZE, **spec[1])
+    op.pinv_rtol = rtol
+    m, latent = decoded_dense(prior, spec)
+    h = latent_operator(prior, op, torch.zeros(1, *latent))
+    singulars = torch.sort(h.svd(torch.zeros(1, *latent)).singulars, descending=True).values
+    s = torch.linalg.svdvals(m)
+    assert int((singulars > 0).sum()) == kept
+    torch.testing.assert_close(singulars[:kept], s[:kept], rtol=1e-8, atol=1e-8)
+    y = torch.randn(2, m.shape[0], generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    y = y.view(h.A(torch.zeros(2, *latent)).shape)
+    u, _, vh = torch.linalg.svd(m, full_matrices=False)
+    pinv = vh[:kept].T @ torch.diag(1 / s[:kept]) @ u[:, :kept].T
+    torch.testing.assert_close(h.pinv(y).flatten(1), y.flatten(1) @ pinv.T, rtol=1e-7, atol=1e-8)
+
+
+def test_dense_limit_is_inclusive(monkeypatch):
+    """A latent of exactly DENSE_LIMIT dimensions is still formed densely (it has an SVD); one more is not."""
+    prior = AnalyticPrior(["a"], means=torch.zeros(1, 4, 1, 1), std=0.1)
+    op = build_operator("super_resolution", SIZE, scale=16)
+    monkeypatch.setattr(latent_ops, "DENSE_LIMIT", 64)
+    assert latent_operator(prior, op, torch.zeros(1, 4, 4, 4)).v is not None
+    monkeypatch.setattr(latent_ops, "DENSE_LIMIT", 63)
+    assert latent_operator(prior, op, torch.zeros(1, 4, 4, 4)).v is None
+
+
+def test_cg_pinv_meets_its_relative_tolerance_for_a_tiny_measurement(prior, monkeypatch, one_thread):
+    """The CG pinv's stopping tolerance is relative to ‖Mᵀy‖: a measurement of norm 1e-6 gets the same relative
+    accuracy (normal-equation residual ≤ 1e-9 of ‖Mᵀy‖) as one of norm 1."""
+    spec, _ = OPERATORS["box"]
+    op = build_operator(spec[0], SIZE, **spec[1])
+    m, latent = decoded_dense(prior, spec)
+    monkeypatch.setattr(latent_ops, "DENSE_LIMIT", 63)
+    h = latent_operator(prior, op, torch.zeros(1, *latent))
+    y = 1e-6 * torch.randn(1, m.shape[0], generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    u = h.pinv(y.view(h.A(torch.zeros(1, *latent)).shape)).flatten(1)
+    b = y @ m
+    assert ((u @ m.T @ m - b).norm() / b.norm()).item() < 1e-9
+
+
+def test_surrogate_keeps_the_latents_dtype_and_names_what_it_supports():
+    mask = torch.ones(32, 32)
+    mask[:8, :8] = 0
+    h = LatentSurrogate(Inpainting(mask), 8)
+    z = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(8)).half()  # an fp16 pipeline
+    assert h.A(z).dtype == h.pinv(z).dtype == torch.float16
+    with pytest.raises(ConfigError, match="^on Stable Diffusion, cci has a latent surrogate only for inpainting and "
+                                          "×8/×16 SR$"):
+        LatentSurrogate(build_operator("super_resolution", 32, scale=4), 8)
