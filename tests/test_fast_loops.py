@@ -177,16 +177,20 @@ def test_float32_in_float32_out(name, bed):
 
 
 def test_cci_starts_from_the_inverted_start_when_asked(bed):
-    """init = inversion: the first x̂0 is tweedie of treg.fast.inverted_start (RNRI down to init_invert_t, re-noised
-    to k_start) with the same generator, not of μ₀·H⁺y + σ₀·n."""
-    from treg.fast import CCIConfig, inverted_start
+    """init = inversion: the first x̂0 is tweedie of the inverted start its docstring names, built here from
+    treg.inversion.measurement_start: RNRI with 50 unshifted DDIM steps and the solver's text guidance (3, not the
+    inversion's default 2) down to init_invert_t, re-noised to ᾱ_{k_start}, with the same generator; not of
+    μ₀·H⁺y + σ₀·n."""
+    from treg.inversion import InversionConfig, measurement_start
     prior, op, y, uc, c, _ = bed
     seen = []
-    solve("cci", bed, callback=seen.append, sigma_y=0.05, steps=2, k_start=500, init="inversion", init_invert_t=200)
-    cfg = CCIConfig(sigma_y=0.05, steps=2, k_start=500, init="inversion", init_invert_t=200)
-    x = inverted_start(prior, op, y, cfg, c=c, uc=uc, generator=torch.Generator().manual_seed(4)).double()
+    solve("cci", bed, callback=seen.append, sigma_y=0.05, steps=2, k_start=500, init="inversion", init_invert_t=200,
+          cfg_guidance=3.0)
     a = prior.alphas_cumprod[500].double().item()
-    expected = tweedie(x, guided_eps(prior, x, 500, uc, c, cfg.cfg_guidance), a)
+    inversion = InversionConfig(method="rnri", steps=50, cfg_guidance=3.0, official_shift=False)
+    x = measurement_start(prior, op, y, inversion, 200, a, c=c, uc=uc,
+                          generator=torch.Generator().manual_seed(4)).double()
+    expected = tweedie(x, guided_eps(prior, x, 500, uc, c, 3.0), a)
     torch.testing.assert_close(seen[0]["z0"], expected, rtol=1e-9, atol=1e-9)
 
 
