@@ -210,7 +210,10 @@ def test_cci_without_latent_h_takes_the_surrogate_and_ends_with_the_pixel_prox(d
     assert [str(w.message) for w in caught] == [
         "cci: the Stable Diffusion surrogate has no SVD, so y's noise is not modelled (noiseless C-ΠGDM)"]
     proxed = run(sigma_y=0.0, cg_iters=5, cg_lamb=1e-3)
-    x0 = run(sigma_y=0.0, cg_iters=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        x0 = run(sigma_y=0.0, cg_iters=0)
+    assert caught == []  # σ_y = 0 asks for the noiseless form: nothing to warn about
     torch.testing.assert_close(x0, unproxed, rtol=1e-12, atol=1e-12)  # the noiseless form either way
     A = dense_matrix(op, (3, 32, 32))
     expected = torch.linalg.solve(A.T @ A + 1e-3 * torch.eye(A.shape[1], dtype=torch.float64),
