@@ -405,6 +405,22 @@ def test_pigdm_gain_is_the_exact_inverse_on_range_h(key):
     torch.testing.assert_close(h.At(solve(r, 0.0)), h.pinv(r), rtol=1e-9, atol=1e-9 * r.norm().item())
 
 
+def test_pigdm_gain_on_the_pixel_operator_uses_its_svd():
+    """The gain as pigdm builds it on Stable Diffusion, gain_solver(op, op.At(y), cg_iters) on the pixel operator
+    itself (its svd reads `like`'s size): for the truncated Gaussian blur, with cg_iters = 0 the c = 0 gain is the
+    SVD's pseudo-inverse, Aᵀ·gain(r, 0) = A⁺r (CG without an SVD would return 0), and with 50 CG iterations on the
+    truncated complement Aᵀ·gain(r, c) = (AᵀA + cI)⁻¹Aᵀr by a dense solve."""
+    op = build_operator("blur", 16, kernel="gaussian", kernel_size=9, std=2.0).double()
+    r = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    like = op.At(r)
+    torch.testing.assert_close(op.At(gain_solver(op, like, 0)(r, 0.0)), op.pinv(r), rtol=1e-9, atol=1e-9)
+    A = dense_matrix(op, (3, 16, 16))
+    c = (0.01 / 0.3) ** 2
+    expected = torch.linalg.solve(A.T @ A + c * torch.eye(len(A), dtype=torch.float64), A.T @ r.flatten())
+    got = op.At(gain_solver(op, like, 50)(r, c)).flatten()
+    assert (got - expected).norm() <= 1e-8 * expected.norm()
+
+
 def test_pigdm_gain_in_closed_form_solves_the_system_and_agrees_with_cg():
     op = build_operator("super_resolution", 32, scale=4).double()
     r = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)

@@ -177,16 +177,20 @@ def test_float32_in_float32_out(name, bed):
 
 
 def test_cci_starts_from_the_inverted_start_when_asked(bed):
-    """init = inversion: the first x̂0 is tweedie of treg.fast.inverted_start (RNRI down to init_invert_t, re-noised
-    to k_start) with the same generator, not of μ₀·H⁺y + σ₀·n."""
-    from treg.fast import CCIConfig, inverted_start
+    """init = inversion: the first x̂0 is tweedie of the inverted start its docstring names, built here from
+    treg.inversion.measurement_start: RNRI with 50 unshifted DDIM steps and the solver's text guidance (3, not the
+    inversion's default 2) down to init_invert_t, re-noised to ᾱ_{k_start}, with the same generator; not of
+    μ₀·H⁺y + σ₀·n."""
+    from treg.inversion import InversionConfig, measurement_start
     prior, op, y, uc, c, _ = bed
     seen = []
-    solve("cci", bed, callback=seen.append, sigma_y=0.05, steps=2, k_start=500, init="inversion", init_invert_t=200)
-    cfg = CCIConfig(sigma_y=0.05, steps=2, k_start=500, init="inversion", init_invert_t=200)
-    x = inverted_start(prior, op, y, cfg, c=c, uc=uc, generator=torch.Generator().manual_seed(4)).double()
+    solve("cci", bed, callback=seen.append, sigma_y=0.05, steps=2, k_start=500, init="inversion", init_invert_t=200,
+          cfg_guidance=3.0)
     a = prior.alphas_cumprod[500].double().item()
-    expected = tweedie(x, guided_eps(prior, x, 500, uc, c, cfg.cfg_guidance), a)
+    inversion = InversionConfig(method="rnri", steps=50, cfg_guidance=3.0, official_shift=False)
+    x = measurement_start(prior, op, y, inversion, 200, a, c=c, uc=uc,
+                          generator=torch.Generator().manual_seed(4)).double()
+    expected = tweedie(x, guided_eps(prior, x, 500, uc, c, 3.0), a)
     torch.testing.assert_close(seen[0]["z0"], expected, rtol=1e-9, atol=1e-9)
 
 
@@ -206,7 +210,10 @@ def test_cci_without_latent_h_takes_the_surrogate_and_ends_with_the_pixel_prox(d
     assert [str(w.message) for w in caught] == [
         "cci: the Stable Diffusion surrogate has no SVD, so y's noise is not modelled (noiseless C-ΠGDM)"]
     proxed = run(sigma_y=0.0, cg_iters=5, cg_lamb=1e-3)
-    x0 = run(sigma_y=0.0, cg_iters=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        x0 = run(sigma_y=0.0, cg_iters=0)
+    assert caught == []  # σ_y = 0 asks for the noiseless form: nothing to warn about
     torch.testing.assert_close(x0, unproxed, rtol=1e-12, atol=1e-12)  # the noiseless form either way
     A = dense_matrix(op, (3, 32, 32))
     expected = torch.linalg.solve(A.T @ A + 1e-3 * torch.eye(A.shape[1], dtype=torch.float64),
