@@ -3,7 +3,8 @@
 #   tests/mutation/run.sh treg/fast.py tests/test_fast.py [more test files or pytest -k args ...]
 # Copies the working tree to a scratch folder, writes mutmut's setup.cfg there (so the repository keeps no
 # tool config), mutates only MODULE, runs only the given tests for each mutant, and prints the score and the
-# surviving mutants. Set MUTMUT_FILTER to a glob of mutant names (e.g. 'treg.fast.x_ddrm*') to run a subset.
+# surviving mutants. Set MUTMUT_FILTER to one or more space-separated globs of mutant names
+# (e.g. 'treg.fast.x_ddrm* treg.fast.x_cci_table*') to run a subset.
 set -euo pipefail
 module=$1; shift
 [ $# -ge 1 ] || { echo "usage: $0 MODULE TEST_FILE [TEST_FILE ...]" >&2; exit 2; }
@@ -25,7 +26,8 @@ python "$root/tests/mutation/undecorate.py" "$module"  # mutmut skips decorated 
   echo "process_isolation=forkserver"
 } > setup.cfg
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 HF_HUB_OFFLINE=1
-python -m mutmut run --max-children "${MUTMUT_CHILDREN:-1}" ${MUTMUT_FILTER:+"$MUTMUT_FILTER"} >mutmut.log 2>&1 || { tail -30 mutmut.log; exit 1; }
+read -ra filters <<< "${MUTMUT_FILTER:-}"
+python -m mutmut run --max-children "${MUTMUT_CHILDREN:-1}" "${filters[@]}" >mutmut.log 2>&1 || { tail -30 mutmut.log; exit 1; }
 python -m mutmut results --all true > results.txt 2>&1 || true
 python - "$module" <<'PY'
 import collections, re, sys
