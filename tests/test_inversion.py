@@ -343,3 +343,96 @@ def test_warm_start_under_the_solvers_sampler(bed):
     keep = triples[first][1] / triples[stop][1]
     n = torch.randn(z_s.shape, generator=torch.Generator().manual_seed(2)).to(z_s)
     assert torch.allclose(z, keep ** 0.5 * z_s + (1 - keep) ** 0.5 * n, rtol=1e-10, atol=1e-12)
+
+
+def _replayed_ddim(prior, z, steps, start_step, official_shift, c, uc, w):
+    """Deterministic DDIM written out from the paper's update (x̂0 = (z − √(1−ᾱ)ε̂)/√ᾱ, z ← √ᾱ'·x̂0 + √(1−ᾱ')·ε̂)
+    on diffusers' levels when official_shift is off: t = 1000 − k·1000/steps + 1 (SD's steps_offset 1), ᾱ_t and
+    ᾱ_{t−1000/steps}, the last one ᾱ_0."""
+    ac = prior.alphas_cumprod.double()
+    skip = 1000 // steps
+    ts = [1000 - (k + 1) * skip + 1 for k in range(steps)] if not official_shift else None
+    assert ts is not None, "written for diffusers' convention only"
+    for i in range(start_step, steps):
+        t = ts[i]
+        a, a_prev = ac[t].item(), (ac[t - skip].item() if t - skip >= 0 else ac[0].item())
+        eps_uc, eps_c = prior.eps(z, t, uc), prior.eps(z, t, c)
+        eps = eps_uc + w * (eps_c - eps_uc)
+        z = a_prev ** 0.5 * (z - (1 - a) ** 0.5 * eps) / a ** 0.5 + (1 - a_prev) ** 0.5 * eps
+    return z
+
+
+def test_regenerate_from_a_start_step_is_the_written_out_ddim(bed):
+    """regenerate without the official shift, from step 7 of 10, against DDIM written out on diffusers' grid and
+    levels (t = 901, 801, …, 1; ᾱ' of the last step ᾱ_0): the shift and the start step are both honoured."""
+    prior, z0, c, uc = bed
+    cfg = InversionConfig(steps=10, start_step=7, official_shift=False, cfg_guidance=2.0)
+    z = torch.randn(z0.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    expected = _replayed_ddim(prior, z, 10, 7, False, c, uc, 2.0)
+    assert torch.allclose(regenerate(prior, z, cfg, c=c, uc=uc), expected, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("method", ["fpi", "rnri"])
+def test_inversion_callbacks_report_each_step_on_the_schedule(bed, method):
+    """Each inverted step reports i (last first), steps, t from treg.diffusion.schedule, the step's answer z and the
+    known later latent z_next (z_next of step i is z of step i + 1); rnri adds per-image losses. regenerate reports
+    i, steps, t and its z, the last of which is its output. solve.py and the inversion report read these keys."""
+    prior, z0, c, uc = bed
+    cfg = InversionConfig(steps=5, method=method, iters=2)
+    triples = schedule(prior.alphas_cumprod, 5, True)
+    infos = []
+    z = invert(prior, z0, cfg, c=c, uc=uc, callback=infos.append)
+    extra = {"loss", "first_loss"} if method == "rnri" else set()
+    assert [info["i"] for info in infos] == [4, 3, 2, 1, 0]
+    for info in infos:
+        assert set(info) == {"i", "steps", "t", "z", "z_next"} | (extra if info["i"] < 4 else set())
+        assert info["steps"] == 5 and info["t"] == triples[info["i"]][0]
+    assert all(torch.equal(later["z"], earlier["z_next"]) for later, earlier in zip(infos, infos[1:]))
+    assert torch.equal(infos[0]["z_next"], z0) and torch.equal(infos[-1]["z"], z)
+    events = []
+    out = regenerate(prior, z, cfg, c=c, uc=uc, callback=events.append)
+    assert [set(e) for e in events] == [{"i", "steps", "t", "z"}] * 5
+    assert [(e["i"], e["steps"], e["t"]) for e in events] == [(i, 5, triples[i][0]) for i in range(5)]
+    assert torch.equal(events[-1]["z"], out)
+
+
+@pytest.mark.parametrize("form", ["euler", "vp"])
+def test_rnri_inverts_batched_images_independently(bed, form):
+    """RNRI's loss, candidate selection and Newton step are per image: a batch of two gives each image's own
+    inversion (its mean ℓ = L/D is taken over that image's latent only)."""
+    prior, z0, c, uc = bed
+    other = prior.encode(load_image(SAMPLES / "coffee.jpg", 64).double())
+    cfg = InversionConfig(steps=10, method="rnri", rnri_form=form)
+    infos = []
+    both = invert(prior, torch.cat([z0, other]), cfg, c=c, uc=uc, callback=infos.append)
+    for k, z in enumerate((z0, other)):
+        alone = []
+        assert torch.allclose(both[k:k + 1], invert(prior, z, cfg, c=c, uc=uc, callback=alone.append),
+                              rtol=1e-12, atol=1e-14)
+        assert torch.allclose(infos[1]["loss"][k], alone[1]["loss"][0], rtol=1e-12)
+
+
+def test_implicit_residual_is_per_image_and_on_the_inversions_own_grid(bed):
+    """The residual of a batch is each image's own (‖gap‖/‖z‖ per image, then the mean over steps); on diffusers'
+    grid (official_shift off) a converged FPI has ~0 residual only if the residual uses that grid too; a schedule
+    whose only step is the shift's no-op gives zeros per image, and no steps give an empty result."""
+    prior, z0, c, uc = bed
+    other = prior.encode(load_image(SAMPLES / "coffee.jpg", 64).double())
+    cfg = InversionConfig(steps=10, method="ddim", official_shift=False)
+    infos = []
+    invert(prior, torch.cat([z0, other]), cfg, c=c, uc=uc, callback=infos.append)
+    batch = implicit_residual(prior, infos, cfg, c=c, uc=uc)
+    assert batch.shape == (2,)
+    for k, z in enumerate((z0, other)):
+        alone = []
+        invert(prior, z, cfg, c=c, uc=uc, callback=alone.append)
+        assert torch.allclose(batch[k], implicit_residual(prior, alone, cfg, c=c, uc=uc)[0], rtol=1e-10)
+    fpi = dataclasses.replace(cfg, method="fpi", iters=40)
+    infos = []
+    invert(prior, z0, fpi, c=c, uc=uc, callback=infos.append)
+    assert implicit_residual(prior, infos, fpi, c=c, uc=uc).item() < 1e-4  # 1.7e-5; on the shifted grid 1.3e-3
+    noop = InversionConfig(steps=10, start_step=9)  # the official shift's last step: ᾱ = ᾱ' = ᾱ_0
+    infos = []
+    invert(prior, torch.cat([z0, other]), noop, c=c, uc=uc, callback=infos.append)
+    assert torch.equal(implicit_residual(prior, infos, noop, c=c, uc=uc), torch.zeros(2))
+    assert implicit_residual(prior, [], noop, c=c, uc=uc).shape == (0,)
