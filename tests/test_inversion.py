@@ -436,3 +436,13 @@ def test_implicit_residual_is_per_image_and_on_the_inversions_own_grid(bed):
     invert(prior, torch.cat([z0, other]), noop, c=c, uc=uc, callback=infos.append)
     assert torch.equal(implicit_residual(prior, infos, noop, c=c, uc=uc), torch.zeros(2))
     assert implicit_residual(prior, [], noop, c=c, uc=uc).shape == (0,)
+
+
+@pytest.mark.parametrize("start_step", [10, 11])
+def test_start_step_at_or_past_the_last_step_is_refused(bed, start_step):
+    """A partial inversion must invert at least one step: start_step = steps is refused with its message, not
+    handed back as the clean latent."""
+    prior, z0, c, uc = bed
+    cfg = InversionConfig(steps=10, start_step=start_step, method="ddim")
+    with pytest.raises(ValueError, match=rf"^start_step must be below steps \(10\), got {start_step}$"):
+        invert(prior, z0, cfg, c=c, uc=uc)
