@@ -354,3 +354,222 @@ def test_cfg_ode_samples_the_exact_posterior_at_w_0(bed):
     assert 0.96 < bed.residuals(z40.view(-1, *bed.latent_shape)).mean() < 1.02
     late = landed(cal.cfg_ode(field, noise, 40, sigma_max=14.6))
     assert (late == 2).float().mean() > (k40 == 2).float().mean()
+
+
+def test_build_bed_is_the_documented_construction():
+    """build_bed(root) rebuilt from its pieces: y = A(decode μ_0) + σn with n from manual_seed(0); `matrix` is
+    A∘decode applied to latents; the detail means are encode(cat) + hidden_details' directions at RMS 0.3 (orthogonal,
+    in M's null space) and the last one encode(rocket); s and β are the module's."""
+    from treg.analytic import SAMPLES, load_image
+    from treg.bench_accuracy import hidden_details, linear_map
+    bed = cal.build_bed(ROOT)
+    prior, mu = bed.prior, bed.prior.means(8, 8)
+    noise = (bed.y - bed.op.A(prior.decode(mu[:1]))) / bed.sigma
+    torch.testing.assert_close(noise, torch.randn(bed.y.shape, generator=torch.Generator().manual_seed(0)),
+                               rtol=0, atol=1e-3)
+    forward = linear_map(prior, bed.op)[0]
+    z = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    torch.testing.assert_close(z.flatten(1) @ bed.matrix, bed.op.A(prior.decode(z)).flatten(1), rtol=0, atol=1e-10)
+    images = torch.cat([load_image(SAMPLES / name, 64) for name in ("cat_1.jpg", "rocket.jpg")]).double()
+    content = prior.encode(images)
+    details = mu[:3].double() - content[:1]
+    dots = details.flatten(1) @ details.flatten(1).T / 256
+    torch.testing.assert_close(dots, 0.09 * torch.eye(3, dtype=torch.float64), rtol=0, atol=1e-6)  # RMS 0.3, ⟂
+    assert (details.flatten(1) @ bed.matrix).abs().max() < 1e-5  # M cannot see them
+    expected, _ = hidden_details(bed.gram, forward, (4, 8, 8), bed.sigma, 3, rms=cal.DETAIL_RMS)
+    torch.testing.assert_close(details, expected, rtol=0, atol=1e-6)  # float32 means
+    torch.testing.assert_close(mu[3].double(), content[1], rtol=0, atol=1e-6)
+    assert (prior.std, prior.beta) == (cal.STD, cal.BETA)
+
+
+def test_exact_draws_are_the_documented_function_of_the_generator(bed):
+    """k ~ w by torch.multinomial, then n ~ N(0, I) float64 from the same generator, z = m_k + Σ_j V_j √var_j n_j
+    (written per eigenvector): the draws replay exactly, so seeded benchmark cells are reproducible."""
+    log_w = bed.tilted_log_weights("", 0.0)
+    z, k = bed.exact_draws(log_w, 6, torch.Generator().manual_seed(9))
+    g = torch.Generator().manual_seed(9)
+    k_ref = torch.multinomial(log_w.exp(), 6, replacement=True, generator=g)
+    n = torch.randn(6, 256, generator=g, dtype=torch.float64)
+    z_ref = bed.means[k_ref] + torch.einsum("ij,bj,j->bi", bed.basis, n, bed.variance.sqrt())
+    assert k.tolist() == k_ref.tolist()
+    torch.testing.assert_close(z.flatten(1), z_ref, rtol=0, atol=1e-12)
+
+
+def test_statistics_rel_l2_landings_cfg_law_support_and_per_seed_data(bed, monkeypatch):
+    """On latents m_k + d with known k and d: rel_l2 is ‖d‖/‖m_k‖ per seed, landed_<caption> and tv_cfg are the
+    bincount frequencies and ½Σ|freq − law|, a component of weight exactly SUPPORT counts as consistent (≥), tv_cfg
+    exists only with a law, and the per-seed data hold target, landings, residuals and rel_l2."""
+    k = torch.tensor([0, 0, 1, 3, 3, 2, 0])
+    d = 0.05 * torch.randn(7, 256, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    z = (bed.means[k] + d).view(7, *bed.latent_shape)
+    log_w = torch.tensor([0.5, 0.3, 0.2 - cal.SUPPORT, cal.SUPPORT], dtype=torch.float64).log()
+    monkeypatch.setattr(cal, "SUPPORT", log_w.exp()[3].item())  # the threshold at that weight, to the last bit
+    law = np.array([0.1, 0.2, 0.3, 0.4])
+    reference = np.linspace(0.5, 1.5, 11)
+    fns, runs = cal.statistics(bed, z, log_w, reference, law=law)
+    everyone = np.arange(7)
+    rel = (d.norm(dim=1) / bed.means[k].norm(dim=1)).numpy()
+    assert fns["rel_l2"](everyone) == pytest.approx(rel.mean(), rel=1e-12)
+    assert fns["rel_l2"](everyone[:, None]) == pytest.approx(rel, rel=1e-12)  # one seed per resample
+    freq = np.bincount(k.numpy(), minlength=4) / 7
+    for j, caption in enumerate(bed.captions):
+        assert fns[f"landed_{caption}"](everyone) == pytest.approx(freq[j])
+    assert fns["tv_cfg"](everyone) == pytest.approx(0.5 * np.abs(freq - law).sum())
+    rows = np.array([[0, 1, 5], [2, 3, 6]])  # a stack of two resamples
+    by_row = [0.5 * np.abs(np.bincount(k.numpy()[r], minlength=4) / 3 - law).sum() for r in rows]
+    assert fns["tv_cfg"](rows).tolist() == pytest.approx(by_row)
+    assert fns["landed_plain"](rows).tolist() == pytest.approx([np.mean(k.numpy()[r] == 2) for r in rows])
+    assert fns["consistent"](everyone) == 1  # the two seeds in the SUPPORT-weight component count
+    assert "tv_cfg" not in cal.statistics(bed, z, log_w, reference)[0]
+    assert set(runs) == {"target", "landed", "residual", "rel_l2"} and runs["landed"] == k.tolist()
+    misfit = bed.y.double().flatten() - bed.op.A(bed.prior.decode(z)).flatten(1)
+    assert np.allclose(runs["residual"], misfit.norm(dim=1) / (0.01 * 192 ** 0.5), rtol=0, atol=1e-4)
+    assert np.allclose(runs["rel_l2"], rel, rtol=0, atol=1e-5)
+    assert np.allclose(runs["target"], log_w.exp(), rtol=0, atol=1e-6)
+
+
+class GaussianField:
+    """A one-component field N(μ, s²I) in coordinates rotated by u: ε̂(a) = √(1−ᾱ)(a − √ᾱμ)/(ᾱs² + 1 − ᾱ)."""
+
+    def __init__(self, mu, s, u):
+        self.mu, self.s, self.u = mu, s, u
+
+    def eps(self, a, abar):
+        return (1 - abar) ** 0.5 * (a - abar ** 0.5 * self.mu) / (abar * self.s ** 2 + 1 - abar)
+
+
+def test_cfg_ode_is_heuns_method_then_tweedie_on_a_gaussian():
+    """On one Gaussian, where dx̄/dσ = σ(x̄ − μ)/(s² + σ²) in DDIM's variables: cfg_ode against Heun's method on the
+    geometric σ grid written out in x̄ (to 1e-12), and with many steps against the exact flow
+    x̄(σ) − μ ∝ √(s² + σ²) followed by the Tweedie step μ + (x̄ − μ)s²/(s² + σ_min²)."""
+    g = torch.Generator().manual_seed(3)
+    u = torch.linalg.qr(torch.randn(5, 5, generator=g, dtype=torch.float64))[0]
+    mu, s = torch.randn(5, generator=g, dtype=torch.float64), 0.3
+    field, noise = GaussianField(mu, s, u), torch.randn(4, 5, generator=g, dtype=torch.float64)
+    slope = lambda x, sigma: sigma * (x - mu) / (s ** 2 + sigma ** 2)
+    hi, lo = 2.0, 0.2
+    for steps in (1, 3):
+        sig = [hi * (lo / hi) ** (i / steps) for i in range(steps + 1)]
+        x = noise * (1 + hi ** 2) ** 0.5
+        for s0, s1 in zip(sig[:-1], sig[1:]):
+            guess = x + (s1 - s0) * slope(x, s0)
+            x = x + (s1 - s0) * (slope(x, s0) + slope(guess, s1)) / 2
+        x = x - lo * slope(x, lo)
+        torch.testing.assert_close(cal.cfg_ode(field, noise, steps, hi, lo), x @ u.T, rtol=0, atol=1e-12)
+    x_lo = mu + (noise * (1 + hi ** 2) ** 0.5 - mu) * ((s ** 2 + lo ** 2) / (s ** 2 + hi ** 2)) ** 0.5
+    exact = mu + (x_lo - mu) * s ** 2 / (s ** 2 + lo ** 2)
+    torch.testing.assert_close(cal.cfg_ode(field, noise, 1000, hi, lo), exact @ u.T, rtol=0, atol=1e-6)
+
+
+def test_spread_edge_cases_are_exact_and_silent():
+    """A component landed in exactly twice has its unbiased variance (not NaN); spread_ratio of a stack of
+    resamples is per row, and a resample with one finite square is that square; NaN cases raise no warning."""
+    import warnings
+    coords = np.array([[0.0, 1.0], [2.0, 5.0], [1.0, 1.0], [3.0, 0.0], [4.0, 2.0], [7.0, 7.0]])
+    landed = np.array([0, 0, 1, 1, 1, 2])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        squares = cal.squared_spread(coords, landed)
+        nan_row = cal.spread_ratio(squares, 2.0, np.array([[5, 5], [0, 5], [0, 1], [2, 4]]))
+    assert squares[:2].mean() == pytest.approx(coords[:2].var(0, ddof=1).sum(), rel=1e-12)  # 2 + 8 = 10
+    assert squares[2:5].mean() == pytest.approx(coords[2:5].var(0, ddof=1).sum(), rel=1e-12) and np.isnan(squares[5])
+    assert np.isnan(nan_row[0])
+    assert nan_row[1:].tolist() == pytest.approx([squares[0] / 2, squares[:2].mean() / 2, squares[[2, 4]].mean() / 2])
+
+
+def test_permutation_pvalues_tie_tolerance_and_seeding():
+    """A statistic c(number of variant solutions in the index) makes every flip of k seeds give c(n−k) − c(k): with
+    the sign patterns replayed from default_rng(seed), a permuted |difference| within 1e-12·max(|observed|, 1) of
+    the observed one (its edge included) counts as a tie, one just beyond does not; the default seed is 0."""
+    n, resamples = 6, 300
+    swap = np.random.default_rng(0).integers(0, 2, (resamples, n))
+    one_flip = np.isin(swap.sum(1), (1, n - 1))  # these rows see c(n−1) − c(1) up to sign
+    assert 0 < one_flip.sum() < resamples
+
+    def expected(observed, near, ties):
+        return (1 + one_flip.sum() * ties + (swap.sum(1) == n).sum() + (swap.sum(1) == 0).sum()) / (1 + resamples)
+
+    cases = [(1.0, 1.0 - 1e-12, True),            # on the edge of the tolerance: a tie
+             (1.0, 1.0 - 1.5e-12, False),          # beyond an absolute 1e-12
+             (1000.0, 1000.0 - 1e-10, True)]       # within 1e-12·|observed|
+    for observed, near, ties in cases:
+        table = np.zeros(n + 1)
+        table[n], table[n - 1] = observed, near
+        stat = lambda i, t=table: t[(i >= n).sum(-1)]
+        pooled = {name: stat for name in cal.TESTED}
+        got = cal.permutation_pvalues(pooled, n, resamples=resamples)["residual"]
+        assert got == pytest.approx(expected(observed, near, ties), abs=1e-15), (observed, near)
+    values = np.random.default_rng(8).normal(size=2 * n)
+    pooled = {name: (lambda i: values[i].mean(-1)) for name in cal.TESTED}
+    assert cal.permutation_pvalues(pooled, n, resamples=50) == cal.permutation_pvalues(pooled, n, seed=0,
+                                                                                       resamples=50)
+
+
+def test_flag_rules_order_and_boundaries():
+    """flagged sorts by p-value (not by name); an interval touching 0 from below or straddling it is no flag; the
+    paired differences' default seed is 0."""
+    assert list(cal.flagged({"a_large": 0.001, "b_small": 0.0001, "c": 0.5})) == ["b_small", "a_large"]
+    assert cal.bootstrap_flags({"touch": (0, -1, 0), "inside": (0, -0.5, 0.5), "below": (-1, -2, -1e-9)}) == ["below"]
+    rng = np.random.default_rng(2)
+    a, b = rng.normal(size=12), rng.normal(size=12)
+    correct = {name: (lambda i: a[i].mean(-1)) for name in cal.TESTED}
+    wrong = {name: (lambda i: b[i].mean(-1)) for name in cal.TESTED}
+    r = np.random.default_rng(0)
+    d = [(b[i] - a[i]).mean() for i in (r.integers(0, 12, 12) for _ in range(cal.PAIRED_BOOTSTRAP))]
+    tail = 100 * cal.FAMILY_LEVEL / len(cal.TESTED) / 2
+    expected = ((b - a).mean(), *np.percentile(d, [tail, 100 - tail]))
+    assert cal.paired_differences(correct, wrong, 12)["rel_l2"] == pytest.approx(expected, abs=1e-12)
+
+
+def test_intervals_share_the_bootstrap_resamples():
+    """intervals() against a percentile bootstrap written out with NumPy on default_rng(seed)'s resamples (the
+    same for every statistic), at the default seed 0 and at seed 3; interval's own default seed is 0."""
+    data = np.random.default_rng(5).gamma(2.0, size=30)
+    fns = {"mean": lambda i: data[i].mean(-1), "max": lambda i: data[i].max(-1)}
+    for seed in (0, 3):
+        rng = np.random.default_rng(seed)
+        index = [rng.integers(0, 30, 30) for _ in range(cal.BOOTSTRAP)]
+        expected = {"mean": (data.mean(), *np.percentile([data[i].mean() for i in index], [2.5, 97.5])),
+                    "max": (data.max(), *np.percentile([data[i].max() for i in index], [2.5, 97.5]))}
+        got = cal.intervals(fns, 30, seed) if seed else cal.intervals(fns, 30)
+        assert list(got) == ["mean", "max"]
+        for name in fns:
+            assert got[name] == pytest.approx(expected[name], abs=1e-12)
+        if seed == 0:
+            assert cal.interval(fns["mean"], 30) == pytest.approx(expected["mean"], abs=1e-12)
+
+
+def test_false_flag_rate_counts_both_rules_on_replayed_null_cells(bed, monkeypatch):
+    """false_flag_rate with both tests stubbed and recorded: per repeat r, their inputs are those of a replay (2n
+    exact draws in a row from manual_seed(seed): the permutation test on all 2n at seed r, the paired bootstrap on
+    the two halves at seed r; per-seed residuals compared), and each rule's count is the number of repeats the
+    (stubbed) rule flagged, at the default seed 0 and at seed 4."""
+    log_w = bed.tilted_log_weights("", 0.0)
+    reference = np.linspace(0.6, 1.4, 21)
+    n, repeats, calls = 3, 3, []
+    pattern = {"permutation": [True, False, True], "bootstrap": [True, True, False]}
+    per_seed = lambda fns, m: fns["residual"](np.arange(m)[:, None])
+
+    def fake_pvalues(pooled, m, seed):
+        calls.append(("perm", per_seed(pooled, 2 * m), m, seed))
+        return {"tv": 0.001 if pattern["permutation"][seed] else 0.9}
+
+    def fake_differences(first, second, m, seed):
+        calls.append(("boot", np.concatenate([per_seed(first, m), per_seed(second, m)]), m, seed))
+        return {"tv": (0.1, 0.05, 0.2) if pattern["bootstrap"][seed] else (0.0, -0.1, 0.1)}
+
+    monkeypatch.setattr(cal, "permutation_pvalues", fake_pvalues)
+    monkeypatch.setattr(cal, "paired_differences", fake_differences)
+    for seed in (0, 4):
+        calls.clear()
+        got = cal.false_flag_rate(bed, log_w, reference, n, repeats, seed=seed) if seed else cal.false_flag_rate(
+            bed, log_w, reference, n, repeats)
+        assert got == {"permutation": (2, repeats), "bootstrap": (2, repeats)}
+        g = torch.Generator().manual_seed(seed)
+        assert [c[0] for c in calls] == ["perm", "boot"] * repeats
+        for r in range(repeats):
+            z = bed.exact_draws(log_w, 2 * n, g)[0]
+            residuals = bed.residuals(z).numpy()
+            for kind, values, m, s in calls[2 * r: 2 * r + 2]:
+                assert (m, s) == (n, r), kind
+                np.testing.assert_allclose(values, residuals, rtol=0, atol=1e-12)
