@@ -176,6 +176,17 @@ def test_float32_in_float32_out(name, bed):
     assert ((out.double() - reference).norm() / reference.norm()).item() <= 1e-4
 
 
+@pytest.mark.parametrize("name", ["cci", "pigdm", "ddrm"])
+def test_the_model_sees_the_measurements_dtype(name, bed, monkeypatch):
+    """fp16-ready: with a float32 y every noise prediction is asked in float32 (the model's dtype on a GPU), though
+    the loop's state is float64; a float64 state handed to an fp16 UNet would fail there."""
+    prior, op, y, uc, c, H = bed
+    seen, eps = [], prior.eps
+    monkeypatch.setattr(prior, "eps", lambda z, t, e: seen.append((z.dtype, e.dtype)) or eps(z, t, e))
+    solve(name, (prior, op, y.float(), uc.float(), c.float(), H), sigma_y=0.05, steps=2)
+    assert seen and set(seen) == {(torch.float32, torch.float32)}
+
+
 def test_cci_starts_from_the_inverted_start_when_asked(bed):
     """init = inversion: the first x̂0 is tweedie of the inverted start its docstring names, built here from
     treg.inversion.measurement_start: RNRI with 50 unshifted DDIM steps and the solver's text guidance (3, not the
