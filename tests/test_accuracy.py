@@ -12,12 +12,14 @@ import yaml
 from PIL import Image
 
 import solve
-from treg import bench_accuracy, figure
+from treg.bench import accuracy as bench_accuracy
+from treg.commands import figure
 from treg.config import load_solver, load_task
 from treg.diffusion import randn
 from treg.operators import build_operator
-from treg.posterior import exact_posterior, landed_component
-from treg.solvers import SOLVERS, residual_norm
+from treg.priors.posterior import exact_posterior, landed_component
+from treg.solvers import SOLVERS
+from treg.solvers.latent import residual_norm
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -135,7 +137,7 @@ def test_figure_composes_runs_and_rejects_bad_run_dirs(tmp_path, capsys):
     no_record.mkdir()
     for bad, message in [(tmp_path / "nope", "not a folder"), (no_record, "no run.json"),
                          (other, "ground truth differs")]:
-        done = subprocess.run([sys.executable, "-m", "treg.figure", str(runs[0]), str(bad), "--out",
+        done = subprocess.run([sys.executable, "-m", "treg", "figure", str(runs[0]), str(bad), "--out",
                                str(tmp_path / "bad.png")], cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert done.returncode != 0 and not (tmp_path / "bad.png").exists()
         assert done.stderr.count("\n") == 1 and done.stderr.startswith("error:") and message in done.stderr, done.stderr

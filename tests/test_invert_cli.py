@@ -1,4 +1,4 @@
-"""`python -m treg.invert` end to end on the tiny random SD folder and on the analytic prior."""
+"""`python -m treg invert` end to end on the tiny random SD folder and on the analytic prior."""
 import json
 
 import numpy as np
@@ -7,9 +7,9 @@ import torch
 from PIL import Image
 
 from treg import invert as invert_cli
-from treg.analytic import SAMPLES
-from treg.inversion import InversionConfig, regenerate
-from treg.prior import load_prior
+from treg.config import SAMPLES
+from treg.solvers.inversion import InversionConfig, regenerate
+from treg.priors.load import load_prior
 
 ROOT_SAMPLE = str(SAMPLES / "cat_1.jpg")
 
@@ -99,8 +99,8 @@ def cuda_build_without_gpu(monkeypatch):
 
 
 def test_default_device_without_a_usable_gpu(cuda_build_without_gpu, tmp_path):
-    """The default device is cpu there, and every command that loads a model runs without --device (treg.invert,
-    solve.py, treg.gather's Inception); --device cuda is one line."""
+    """The default device is cpu there, and every command that loads a model runs without --device (treg.commands.invert,
+    solve.py, treg.commands.gather's Inception); --device cuda is one line."""
     import solve
     from treg import gather, hub
     assert hub.resolve_device(None) == torch.device("cpu")

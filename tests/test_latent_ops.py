@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from treg import latent_ops
-from treg.analytic import AnalyticPrior
+from treg.priors.analytic import AnalyticPrior
 from treg.config import ConfigError
 from treg.latent_ops import DecodedOperator, LatentSurrogate, SpectralOperator, latent_operator, projector
 from treg.operators import Inpainting, build_operator
