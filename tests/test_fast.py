@@ -14,8 +14,8 @@ from scipy.integrate import quad
 from treg.priors.analytic import AnalyticPrior, load_image
 from treg.config import ConfigError, load_solver
 from treg.diffusion import guided_eps, ddim_step, randn, tweedie
-from treg.solvers.fast import (cci_basis, cci_coefficients, cci_table, gain_solver, pigdm_guidance, start_grid,
-                       with_noise)
+from treg.solvers import with_noise
+from treg.solvers.fast import cci_basis, cci_coefficients, cci_table, gain_solver, pigdm_guidance, start_grid
 from treg.latent_ops import latent_operator, projector
 from treg.operators import build_operator
 from treg.priors.pixel import AnalyticPixelPrior

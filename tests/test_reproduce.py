@@ -12,7 +12,8 @@ import torch
 from conftest import write_food101
 from PIL import Image
 
-from treg import fid, reproduce
+from treg import fid
+from treg.commands import reproduce
 from treg.runs import fmt
 
 ROOT = Path(__file__).resolve().parent.parent
