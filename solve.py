@@ -31,19 +31,17 @@ import torch
 from tqdm import tqdm
 
 from treg import hub, runs
-from treg.runs import output_files, slug, write_outputs
 from treg.config import ConfigError, check_value, load_solver, load_task
 from treg.datasets import DATASETS, input_images
-from treg.solvers import with_noise
 from treg.images import ImageError, check_image, grid, load_image, viewable
-from treg.solvers.inversion import round_trip_psnr
-from treg.solvers.inversion import InversionConfig
 from treg.metrics import build_metrics
 from treg.operators import build_operator, measure
 from treg.priors.base import PriorUnavailable
 from treg.priors.load import DEFAULT_MODEL, load_prior
 from treg.profiling import OPERATOR_PARTS, PRIOR_PARTS, Profiler, available_memory, memory_needed
-from treg.solvers import SOLVERS
+from treg.runs import output_files, slug, write_outputs
+from treg.solvers import SOLVERS, with_noise
+from treg.solvers.inversion import InversionConfig, round_trip_psnr
 from treg.solvers.latent import residual_norm
 
 # CLI flags that override a field of the solver config when given (None = use the YAML's value)

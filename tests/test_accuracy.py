@@ -12,8 +12,7 @@ import yaml
 from PIL import Image
 
 import solve
-from treg.bench import accuracy as bench_accuracy
-from treg.bench import beds
+from treg.bench import accuracy as bench_accuracy, beds
 from treg.commands import figure
 from treg.config import load_solver, load_task
 from treg.diffusion import randn

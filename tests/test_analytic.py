@@ -5,10 +5,10 @@ import torch
 import torch.nn.functional as F
 
 from treg.config import SAMPLES
-from treg.priors.analytic import AnalyticPrior, load_image
-from treg.operators import build_operator
-from treg.priors.posterior import ambiguous_prior, exact_posterior, landed_component, sample
 from treg.latent_ops import linear_map
+from treg.operators import build_operator
+from treg.priors.analytic import AnalyticPrior, load_image
+from treg.priors.posterior import ambiguous_prior, exact_posterior, landed_component, sample
 
 NULL_PROMPT = "out of focus, depth of field"
 

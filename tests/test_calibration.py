@@ -8,7 +8,7 @@ import pytest
 import torch
 from scipy.stats import wasserstein_distance
 
-from treg.bench import calibration as bench, beds as cal
+from treg.bench import beds as cal, calibration as bench
 from treg.priors.posterior import exact_posterior, sample
 from treg.solvers import SOLVERS
 from treg.solvers.latent import residual_norm

@@ -11,16 +11,15 @@ import pytest
 import torch
 from scipy.integrate import quad
 
-from treg.priors.analytic import AnalyticPrior, load_image
 from treg.config import ConfigError, load_solver
-from treg.diffusion import guided_eps, ddim_step, randn, tweedie
-from treg.solvers import with_noise
-from treg.solvers.fast import cci_basis, cci_coefficients, cci_table, gain_solver, pigdm_guidance, start_grid
+from treg.diffusion import ddim_step, guided_eps, randn, tweedie
 from treg.latent_ops import latent_operator, projector
 from treg.operators import build_operator
+from treg.priors.analytic import AnalyticPrior, load_image
 from treg.priors.pixel import AnalyticPixelPrior
 from treg.priors.posterior import exact_posterior, landed_component
-from treg.solvers import SOLVERS
+from treg.solvers import SOLVERS, with_noise
+from treg.solvers.fast import cci_basis, cci_coefficients, cci_table, gain_solver, pigdm_guidance, start_grid
 from treg.solvers.latent import residual_norm
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from treg.priors.analytic import load_image
 from treg.diffusion import guided_eps, randn, tweedie
 from treg.operators import build_operator
+from treg.priors.analytic import load_image
 from treg.priors.pixel import AnalyticPixelPrior
 from treg.solvers import SOLVERS
 

@@ -8,8 +8,8 @@ from PIL import Image
 
 from treg.commands import invert as invert_cli
 from treg.config import SAMPLES
-from treg.solvers.inversion import InversionConfig, regenerate
 from treg.priors.load import load_prior
+from treg.solvers.inversion import InversionConfig, regenerate
 
 ROOT_SAMPLE = str(SAMPLES / "cat_1.jpg")
 

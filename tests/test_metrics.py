@@ -11,8 +11,8 @@ from scipy.ndimage import gaussian_filter
 from skimage import data
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from treg.solvers.latent import residual_norm
 from treg.metrics import LPIPS, CLIPScore, MetricUnavailable, build_metrics, load_lpips, psnr, ssim
+from treg.solvers.latent import residual_norm
 
 
 def to_tensor(img01):

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import solve
-from treg.priors.analytic import AnalyticPrior
 from treg.images import load_image
 from treg.operators import build_operator, measure
+from treg.priors.analytic import AnalyticPrior
 from treg.solvers.latent import PSLDConfig, TRegConfig, psld, treg
 
 NULL_PROMPT = "out of focus, depth of field"

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from treg.priors.analytic import load_image
 from treg.operators import build_operator
+from treg.priors.analytic import load_image
+from treg.priors.load import load_prior
 from treg.priors.pixel import AnalyticPixelPrior, PixelDiffusion
 from treg.priors.posterior import exact_posterior
-from treg.priors.load import load_prior
 from treg.priors.tiny import build_tiny_pixel
 
 ROOT = Path(__file__).resolve().parent.parent

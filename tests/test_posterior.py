@@ -5,10 +5,10 @@ import pytest
 import torch
 from torch.distributions import MultivariateNormal
 
-from treg.priors.analytic import AnalyticPrior
-from treg.operators import build_operator
-from treg.priors.posterior import ambiguous_prior, exact_posterior, landed_component, sample
 from treg.latent_ops import linear_map
+from treg.operators import build_operator
+from treg.priors.analytic import AnalyticPrior
+from treg.priors.posterior import ambiguous_prior, exact_posterior, landed_component, sample
 
 SIZE, LATENT = 16, (4, 2, 2)
 CAPTIONS = ["red apple", "blue car", "green tree"]

@@ -7,11 +7,10 @@ import torch
 
 import solve
 from treg.config import SAMPLES
-from treg.priors.analytic import AnalyticPrior, load_image
 from treg.diffusion import schedule
-from treg.solvers.inversion import round_trip_psnr
-from treg.solvers.inversion import InversionConfig, rnri, warm_start
 from treg.operators import build_operator
+from treg.priors.analytic import AnalyticPrior, load_image
+from treg.solvers.inversion import InversionConfig, rnri, round_trip_psnr, warm_start
 from treg.solvers.latent import DPSConfig, TRegConfig, dps, treg
 
 

@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from treg.bench.beds import IMAGES, NULL_PROMPT, SETTINGS, ACCURACY_SUPPORT, accuracy_config, accuracy_task
+from treg.bench.beds import ACCURACY_SUPPORT, IMAGES, NULL_PROMPT, SETTINGS, accuracy_config, accuracy_task
 from treg.config import CONFIGS, ConfigError, parse_set
 from treg.runs import cli_args, write_report
 from treg.solvers import SOLVERS

@@ -44,8 +44,7 @@ from treg.operators import build_operator, measure
 from treg.priors.analytic import AnalyticPrior, load_image
 from treg.priors.posterior import dense_posterior, landed_component, latent_gram
 from treg.profiling import PRIOR_PARTS, Profiler
-from treg.solvers import SOLVERS, configure, with_noise
-from treg.solvers import latent as solvers
+from treg.solvers import SOLVERS, configure, latent as solvers, with_noise
 from treg.solvers.latent import residual_norm
 
 TASK = "super-resolution-x8"

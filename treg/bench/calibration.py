@@ -47,8 +47,7 @@ from scipy.stats import binomtest
 from tqdm import tqdm
 
 from treg.bench import beds as cal
-from treg.config import CONFIGS, ROOT, parse_set
-from treg.config import ConfigError, load_task
+from treg.config import CONFIGS, ROOT, ConfigError, load_task, parse_set
 from treg.images import atomic_write
 from treg.profiling import PRIOR_PARTS, Profiler
 from treg.runs import cli_args, write_report

@@ -33,13 +33,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from treg.config import ROOT, SAMPLES
-from treg.priors.analytic import AnalyticPrior
-from treg.priors.posterior import dense_posterior, latent_gram
-from treg.config import ConfigError, load_task
+from treg.config import ROOT, SAMPLES, ConfigError, load_task
 from treg.images import atomic_write
 from treg.operators import build_operator, measure
-from treg.priors.posterior import landed_component
+from treg.priors.analytic import AnalyticPrior
+from treg.priors.posterior import dense_posterior, landed_component, latent_gram
 from treg.profiling import PRIOR_PARTS, Profiler
 from treg.runs import cli_args, markdown_table, mean_interval, write_report
 from treg.solvers import configure

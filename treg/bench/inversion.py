@@ -26,16 +26,14 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from treg.config import SAMPLES
 from treg.bench.beds import SETTINGS, accuracy_task
-from treg.config import ConfigError
+from treg.config import SAMPLES, ConfigError
 from treg.hub import resolve_device
 from treg.images import load_image
-from treg.solvers.inversion import evaluate
-from treg.solvers.inversion import InversionConfig, invert
 from treg.priors.load import load_prior
 from treg.profiling import PRIOR_PARTS, Profiler
 from treg.runs import cli_args, markdown, mean_interval, write_report
+from treg.solvers.inversion import InversionConfig, evaluate, invert
 
 NULL_PROMPT = "out of focus, depth of field"
 # (name in the tables, InversionConfig fields): both FPI settings and both RNRI forms

@@ -27,10 +27,10 @@ from tqdm import tqdm
 from treg import hub, runs
 from treg.config import ConfigError, build
 from treg.images import ImageError, atomic_write, grid, list_images, load_image, save_image
-from treg.solvers.inversion import METHODS, OFFICIAL_ITERS, InversionConfig, evaluate, invert
 from treg.priors.base import PriorUnavailable
 from treg.priors.load import DEFAULT_MODEL, load_prior
 from treg.profiling import PRIOR_PARTS, Profiler
+from treg.solvers.inversion import METHODS, OFFICIAL_ITERS, InversionConfig, evaluate, invert
 
 COLUMNS = ("latent_error", "round_trip_psnr", "input_psnr", "implicit_residual", "nfe", "wall_seconds")
 

@@ -16,9 +16,9 @@ import math
 
 import torch
 
-from treg.priors.analytic import AnalyticPrior, load_image
 from treg.latent_ops import linear_map
 from treg.linalg import conjugate_gradient
+from treg.priors.analytic import AnalyticPrior, load_image
 
 CG_RTOL = 1e-12
 

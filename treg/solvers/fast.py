@@ -25,9 +25,9 @@ from scipy.integrate import quad
 
 from treg.config import ConfigError, bounded, one_of
 from treg.diffusion import guided_eps, randn, tweedie
-from treg.solvers.inversion import InversionConfig, measurement_start
 from treg.latent_ops import LatentSurrogate, latent_operator, projector
 from treg.linalg import conjugate_gradient, prox
+from treg.solvers.inversion import InversionConfig, measurement_start
 
 
 def _latent_like(prior, op, y):

@@ -25,8 +25,8 @@ import dataclasses
 import torch
 
 from treg.config import ConfigError, bounded, one_of
+from treg.diffusion import ddim_step, guided_eps, randn, schedule, tweedie
 from treg.metrics import psnr
-from treg.diffusion import guided_eps, ddim_step, randn, schedule, tweedie
 
 
 @dataclasses.dataclass

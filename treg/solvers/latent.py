@@ -15,9 +15,9 @@ import math
 import torch
 
 from treg.config import bounded, one_of
-from treg.diffusion import guided_eps, ddim_step, randn, schedule, timesteps, tweedie
-from treg.solvers.inversion import warm_start
+from treg.diffusion import ddim_step, guided_eps, randn, schedule, timesteps, tweedie
 from treg.linalg import prox
+from treg.solvers.inversion import warm_start
 
 
 def _start(prior, op, y, c, uc, generator):
