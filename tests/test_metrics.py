@@ -1,7 +1,7 @@
 """Metrics: PSNR/SSIM against scikit-image, LPIPS with random weights in torchvision's file layout, CLIP score with
 a tiny random CLIP, and the one-line MetricUnavailable path for every missing model."""
-import types
 import json
+import types
 
 import numpy as np
 import pytest
