@@ -44,7 +44,7 @@ from treg.operators import build_operator, measure
 from treg.priors.analytic import AnalyticPrior, load_image
 from treg.priors.posterior import dense_posterior, landed_component, latent_gram
 from treg.profiling import PRIOR_PARTS, Profiler
-from treg.solvers import SOLVERS, configure, latent as solvers, with_noise
+from treg.solvers import SOLVERS, configure, with_noise
 from treg.solvers.latent import residual_norm
 
 TASK = "super-resolution-x8"
@@ -384,7 +384,7 @@ def patched_copy(fn, old, new):
 def variant(name):
     """(base solver name, patched solver function) of a known-wrong variant."""
     base, _, old, new = VARIANTS[name]
-    return base, patched_copy(solvers.SOLVERS[base][0], old, new)
+    return base, patched_copy(SOLVERS[base][0], old, new)
 
 
 # ------------------------------------------------------------ the hidden-detail grid (accuracy and warm-start beds)
