@@ -19,15 +19,11 @@ settings and the same image file (SHA-256).
 """
 import argparse
 import dataclasses
-import errno
 import json
-import math
 import os
 import platform
-import re
 import sys
 import time
-import unicodedata
 import warnings
 from pathlib import Path
 
@@ -37,24 +33,21 @@ from tqdm import tqdm
 from treg import hub, runs
 from treg.config import ConfigError, check_value, load_solver, load_task
 from treg.datasets import DATASETS, input_images
-from treg.fast import with_noise
-from treg.images import ImageError, atomic_write, check_image, grid, load_image, save_image, viewable
-from treg.invert import round_trip_psnr
-from treg.inversion import InversionConfig
+from treg.images import ImageError, check_image, grid, load_image, viewable
 from treg.metrics import build_metrics
 from treg.operators import build_operator, measure
-from treg.prior import DEFAULT_MODEL, PriorUnavailable, load_prior
-from treg.profiling import OPERATOR_PARTS, PRIOR_PARTS, Profiler
-from treg.solvers import SOLVERS, residual_norm
+from treg.priors.base import PriorUnavailable
+from treg.priors.load import DEFAULT_MODEL, load_prior
+from treg.profiling import OPERATOR_PARTS, PRIOR_PARTS, Profiler, available_memory, memory_needed
+from treg.runs import output_files, slug, write_outputs
+from treg.solvers import SOLVERS, with_noise
+from treg.solvers.inversion import InversionConfig, round_trip_psnr
+from treg.solvers.latent import residual_norm
 
 # CLI flags that override a field of the solver config when given (None = use the YAML's value)
 SOLVER_FLAGS = ("steps", "cfg_guidance", "cg_lamb", "null_lr", "use_AN", "use_DPS", "dps_lamb", "init", "init_t",
                 "init_invert_t")
 SEED_MAX = 2 ** 63 - 1          # torch.Generator.manual_seed takes a signed 64-bit seed; image i uses seed + i
-# Working memory per image pixel of a solve beyond the model weights, measured as the growth of peak RSS on the
-# analytic prior (treg with SR x16: 434 / 709 / 1367 MB at 512² / 1024² / 2048²); a diffusers prior adds its VAE's
-# full-resolution activations (see memory_needed).
-BYTES_PER_PIXEL = 400
 
 
 class Parser(argparse.ArgumentParser):
@@ -89,7 +82,7 @@ def parse_args(argv=None):
     a("--use_DPS", action="store_true", default=None, help="latent DPS steps (w = 0) between TReg's DC steps")
     a("--dps_lamb", type=float, help="DPS step size of TReg's --use_DPS (default: √ᾱ' at each step)")
     a("--init", choices=["noise", "inversion"], help="EXPERIMENTAL for treg/dps: 'inversion' starts at --init_t "
-      "from the RNRI inversion of encode(A⁺y) (default: YAML, noise; see treg.inversion.warm_start)")
+      "from the RNRI inversion of encode(A⁺y) (default: YAML, noise; see treg.solvers.inversion.warm_start)")
     a("--init_t", type=int, help="with --init inversion: the solver starts at the first step with t ≤ this")
     a("--init_invert_t", type=int, help="with --init inversion: invert down to this t, re-noise to --init_t")
     a("--round_trip", action="store_true", help="diagnostic: invert each solution with its prompt (RNRI, 50 steps, "
@@ -131,13 +124,6 @@ def parse_args(argv=None):
     a("--gradient_checkpointing", action="store_true",
       help="checkpoint the UNet and VAE activations: less memory for dps/psld/p2l and --use_DPS, more time")
     return p.parse_args(argv)
-
-
-def slug(prompt, limit=80):
-    """A file-name-safe form of the prompt: ASCII, no path separators or leading dots, at most `limit` chars."""
-    text = unicodedata.normalize("NFKD", prompt).encode("ascii", "ignore").decode()
-    text = re.sub(r"[^A-Za-z0-9 ,_+-]+", "_", text).strip(" _")
-    return text[:limit].rstrip(" _") or "no-prompt"
 
 
 def versions():
@@ -182,19 +168,6 @@ def solver_configs(args):
         if value is not None and not any(hasattr(cfg, key) for _, _, cfg in out):
             raise ConfigError(f"--{key} applies to none of {', '.join(names)}")
     return out
-
-
-def output_files(workdir, index, name, methods, compare):
-    """{(kind, method): path} for one image; kind is input, label, recon, ypred or compare."""
-    stem = f"{index:05d}-{name}.png"
-    files = {("input", None): workdir / "input" / stem, ("label", None): workdir / "label" / stem}
-    for m in methods:
-        sub = Path(m) if compare else Path()
-        files[("recon", m)] = workdir / "recon" / sub / stem
-        files[("ypred", m)] = workdir / "ypred" / sub / stem
-    if compare:
-        files[("compare", None)] = workdir / "compare" / stem
-    return files
 
 
 def run_settings(args, task, solvers, dtype):
@@ -246,27 +219,6 @@ def check_workdir(path):
         raise ConfigError(f"--workdir {path}: {probe} is not writable")
 
 
-def available_memory(device):
-    """Bytes free on `device`: the accelerator's free memory, or the system's available memory on cpu."""
-    if device.type != "cpu":
-        return torch.accelerator.get_memory_info(device)[0]
-    try:
-        with open("/proc/meminfo") as info:
-            return int(next(line for line in info if line.startswith("MemAvailable")).split()[1]) * 1024
-    except (OSError, StopIteration, ValueError):
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else math.inf
-
-
-def memory_needed(prior, image_size, batch_size):
-    """A lower estimate of the bytes a batch's solve allocates beyond the weights: the measured working set per
-    pixel, plus for a diffusers prior the VAE's full-resolution activations (4 live maps of its widest channels)."""
-    per_pixel = BYTES_PER_PIXEL
-    vae = getattr(prior, "vae", None)
-    if vae is not None:
-        per_pixel += 4 * vae.config.block_out_channels[0] * torch.finfo(vae.dtype).bits // 8
-    return batch_size * image_size ** 2 * per_pixel
-
-
 def settings_line(name, cfg, flags):
     """'name: field value, ...' with '(--flag)' after each value a CLI flag set."""
     parts = [f"{k} {v}" + (" (--%s)" % k if k in flags else "") for k, v in dataclasses.asdict(cfg).items()]
@@ -280,32 +232,6 @@ def check_finite(method, steps):
             raise NumericalError(f"{method} produced NaN or inf at step {info['i'] + 1} of {steps}; nothing was "
                                  f"written for this image (a noise_scale or step size far from its default?)")
     return callback
-
-
-def write_outputs(files, pictures, record_path, record):
-    """Write one image's PNGs ({key: tensor or PIL image}), then its record, which marks it complete. If any write
-    fails, the files already written for it are removed: an image is complete or absent, never half-written."""
-    for path in [*files.values(), record_path]:
-        if path.is_dir():
-            raise OSError(errno.EISDIR, "a folder is in the way of an output file", str(path))
-    written = []
-    try:
-        for key, path in files.items():
-            picture = pictures[key]
-            if isinstance(picture, torch.Tensor):
-                save_image(picture, path)
-            else:
-                atomic_write(path, lambda tmp: picture.save(tmp, format="PNG"))
-            written.append(path)
-        runs.write_json(record_path, record)
-    except BaseException:
-        for path in written:
-            path.unlink(missing_ok=True)
-            try:
-                path.parent.rmdir()  # only if this image's file was all it held
-            except OSError:
-                pass
-        raise
 
 
 def prepare(args, state):
@@ -340,7 +266,7 @@ def prepare(args, state):
 
 def check_prior(prior, task, solvers, args, device):
     """The checks that need the loaded prior (still before any file is written)."""
-    if not getattr(prior, "has_text", True):  # a pixel diffusion model (treg.pixel): unconditional
+    if not getattr(prior, "has_text", True):  # a pixel diffusion model (treg.priors.pixel): unconditional
         if any(getattr(cfg, "use_AN", False) for _, _, cfg in solvers):
             raise ConfigError(f"adaptive negation needs text and '{args.model}' has none; drop --use_AN")
         if any(solver == "p2l" for _, solver, _ in solvers):

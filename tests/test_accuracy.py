@@ -12,12 +12,15 @@ import yaml
 from PIL import Image
 
 import solve
-from treg import bench_accuracy, figure
+from treg.bench import accuracy as bench_accuracy, beds
+from treg.commands import figure
 from treg.config import load_solver, load_task
 from treg.diffusion import randn
+from treg.latent_ops import linear_map
 from treg.operators import build_operator
-from treg.posterior import exact_posterior, landed_component
-from treg.solvers import SOLVERS, residual_norm
+from treg.priors.posterior import dense_posterior, exact_posterior, landed_component
+from treg.solvers import SOLVERS
+from treg.solvers.latent import residual_norm
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -30,7 +33,7 @@ def sr8():
     """The ambiguous ×8 SR case at 64 px: 3 images × 3 hidden details, truth = the cat with its own detail."""
     task = load_task(ROOT / "configs/task/super-resolution-x8.yaml", 64)
     op = build_operator(task.operator, 64, **task.params)
-    prior, info, gram = bench_accuracy.grid_prior(op, 64, task.noise_scale)
+    prior, info, gram = beds.grid_prior(op, 64, task.noise_scale)
     assert info["kind"] == "null space" and info["visibility_over_sigma"] < 1e-6
     return task, op, prior, info, gram
 
@@ -78,14 +81,14 @@ def test_treg_without_text_lands_where_the_posterior_puts_its_mass(sr8):
 def test_benchmark_prior_hides_its_details_and_its_dense_posterior_is_exact(sr8):
     task, op, prior, info, gram = sr8
     mu = prior.means(8, 8).double()
-    forward, _ = bench_accuracy.linear_map(prior, op)
+    forward, _ = linear_map(prior, op)
     seen = forward(mu).view(3, 3, -1)  # (image i, detail k, ...)
     assert (seen - seen[:, :1]).abs().max() < 1e-9  # details are invisible to y ...
     assert info["separation_over_std"] > 100  # ... and far apart; the images are told apart by y
     assert (seen[0, 0] - seen[1, 0]).norm() > 10 * task.noise_scale
     x = prior.decode(mu[4:5]).float()
     y = op.A(x) + task.noise_scale * torch.randn(op.A(x).shape, generator=torch.Generator().manual_seed(3))
-    dense = bench_accuracy.dense_posterior(prior, op, gram, y, "a rocket launch", task.noise_scale)
+    dense = dense_posterior(prior, op, gram, y, "a rocket launch", task.noise_scale)
     cg = exact_posterior(prior, op, y, "a rocket launch", task.noise_scale)
     torch.testing.assert_close(dense.means, cg.means, rtol=0, atol=1e-9)
     torch.testing.assert_close(dense.log_weights.exp(), cg.log_weights.exp(), rtol=0, atol=1e-9)
@@ -135,7 +138,7 @@ def test_figure_composes_runs_and_rejects_bad_run_dirs(tmp_path, capsys):
     no_record.mkdir()
     for bad, message in [(tmp_path / "nope", "not a folder"), (no_record, "no run.json"),
                          (other, "ground truth differs")]:
-        done = subprocess.run([sys.executable, "-m", "treg.figure", str(runs[0]), str(bad), "--out",
+        done = subprocess.run([sys.executable, "-m", "treg", "figure", str(runs[0]), str(bad), "--out",
                                str(tmp_path / "bad.png")], cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert done.returncode != 0 and not (tmp_path / "bad.png").exists()
         assert done.stderr.count("\n") == 1 and done.stderr.startswith("error:") and message in done.stderr, done.stderr

@@ -4,9 +4,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from treg.analytic import SAMPLES, AnalyticPrior, load_image
+from treg.config import SAMPLES
+from treg.latent_ops import linear_map
 from treg.operators import build_operator
-from treg.posterior import ambiguous_prior, exact_posterior, landed_component, linear_map, sample
+from treg.priors.analytic import AnalyticPrior, load_image
+from treg.priors.posterior import ambiguous_prior, exact_posterior, landed_component, sample
 
 NULL_PROMPT = "out of focus, depth of field"
 

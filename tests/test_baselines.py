@@ -6,12 +6,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from treg.analytic import AnalyticPrior
+from treg.priors.analytic import AnalyticPrior
 from treg.config import load_solver
-from treg.diffusion import cfg as guided_eps, randn, tweedie
+from treg.diffusion import guided_eps, randn, tweedie
 from treg.images import load_image
 from treg.operators import build_operator
-from treg.solvers import (SOLVERS, DPSConfig, P2LConfig, PSLDConfig, REDDiffConfig, dps, dps_gradient, p2l, psld,
+from treg.solvers import SOLVERS
+from treg.solvers.latent import (DPSConfig, P2LConfig, PSLDConfig, REDDiffConfig, dps, dps_gradient, p2l, psld,
                           reddiff, residual_norm, snr_weight)
 
 ROOT = Path(__file__).resolve().parent.parent

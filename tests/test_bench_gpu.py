@@ -4,7 +4,7 @@ import platform
 
 import torch
 
-from treg import bench_gpu
+from treg.bench import gpu as bench_gpu
 
 
 def test_gpu_check_smoke_form_on_cpu(tmp_path):

@@ -1,7 +1,7 @@
 """The speed benchmark end to end on a tiny setting: it runs solve.py per configuration and reports real numbers."""
 import json
 
-from treg import bench_speed
+from treg.bench import speed as bench_speed
 
 
 def test_bench_speed_reports_breakdown_nfe_and_memory(tmp_path, capsys):
@@ -43,7 +43,7 @@ def test_compose_counts_a_dps_schedule_and_adds_its_parts(tmp_path):
 
 
 def test_components_and_compose_reports_on_the_tiny_model(tmp_path):
-    from treg.tiny import build_tiny_sd
+    from treg.priors.tiny import build_tiny_sd
     model = build_tiny_sd(tmp_path / "tiny")
     parts = tmp_path / "parts"
     bench_speed.main(["--components", "--model", str(model), "--image_size", "64", "--out", str(parts),

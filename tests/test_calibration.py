@@ -8,9 +8,10 @@ import pytest
 import torch
 from scipy.stats import wasserstein_distance
 
-from treg import bench_calibration as bench, calibration as cal
-from treg.posterior import exact_posterior, sample
-from treg.solvers import SOLVERS, residual_norm
+from treg.bench import beds as cal, calibration as bench
+from treg.priors.posterior import exact_posterior, sample
+from treg.solvers import SOLVERS
+from treg.solvers.latent import residual_norm
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -22,7 +23,7 @@ def bed():
 
 
 def test_bed_posterior_agrees_with_the_cg_posterior(bed):
-    """Dense means, weights and covariance (eigenbasis of MᵀM) against treg.posterior's matrix-free CG version."""
+    """Dense means, weights and covariance (eigenbasis of MᵀM) against treg.priors.posterior's matrix-free CG version."""
     cg = exact_posterior(bed.prior, bed.op, bed.y, "", bed.sigma)
     torch.testing.assert_close(bed.means, cg.means.flatten(1), rtol=0, atol=1e-9)
     weights = bed.tilted_log_weights("", 0.0).exp()
@@ -50,7 +51,7 @@ def test_tilted_target_is_the_closed_form(bed):
 
 
 def test_exact_draws_match_the_perturbation_sampler(bed):
-    """Eigenbasis draws against treg.posterior.sample (perturbation–optimisation by CG): landing frequencies,
+    """Eigenbasis draws against treg.priors.posterior.sample (perturbation–optimisation by CG): landing frequencies,
     spread per subspace and residuals agree; both residual means sit near the noise floor."""
     n = 3000
     log_w = bed.tilted_log_weights("", 0.0)
@@ -199,7 +200,7 @@ def test_bad_arguments_are_one_line_errors(tmp_path, argv, message, capsys):
 def test_noise_aware_solvers_get_the_beds_noise():
     """CCI, ΠGDM and DDRM model y's noise: the benchmark gives them the task's σ_y, as solve.py does; a YAML name
     runs the solver it names with its own settings (cci-noiseless: cci with σ_y = 0)."""
-    from treg.bench_calibration import solver_config, solver_of
+    from treg.bench.calibration import solver_config, solver_of
     for name in ("cci", "pigdm", "ddrm"):
         cfg = solver_config(name, 5, 0.0)
         assert cfg.sigma_y == 0.01 and cfg.steps == 5 and cfg.cfg_guidance == 0.0
@@ -360,8 +361,10 @@ def test_build_bed_is_the_documented_construction():
     """build_bed(root) rebuilt from its pieces: y = A(decode μ_0) + σn with n from manual_seed(0); `matrix` is
     A∘decode applied to latents; the detail means are encode(cat) + hidden_details' directions at RMS 0.3 (orthogonal,
     in M's null space) and the last one encode(rocket); s and β are the module's."""
-    from treg.analytic import SAMPLES, load_image
-    from treg.bench_accuracy import hidden_details, linear_map
+    from treg.config import SAMPLES
+    from treg.latent_ops import linear_map
+    from treg.priors.analytic import load_image
+    hidden_details = cal.hidden_details
     bed = cal.build_bed(ROOT)
     prior, mu = bed.prior, bed.prior.means(8, 8)
     noise = (bed.y - bed.op.A(prior.decode(mu[:1]))) / bed.sigma

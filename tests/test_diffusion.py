@@ -3,7 +3,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from treg.diffusion import cfg, ddim_step, randn, schedule, timesteps, tweedie
+from treg.diffusion import ddim_step, guided_eps as cfg, randn, schedule, timesteps, tweedie
 
 
 def sd_scheduler():

@@ -1,4 +1,4 @@
-"""CCI, ΠGDM and DDRM (treg.fast) against independent constructions: quadrature, DDIM, the A/A⁻¹ form of CCI, a
+"""CCI, ΠGDM and DDRM (treg.solvers.fast) against independent constructions: quadrature, DDIM, the A/A⁻¹ form of CCI, a
 fine exponential-Euler solve of the same ODE, finite differences, the operators themselves and the exact posterior.
 The acceptance tests C1–C5 of the fast-samplers reference §3 run in float64 on the analytic prior (64 px)."""
 import dataclasses
@@ -11,16 +11,16 @@ import pytest
 import torch
 from scipy.integrate import quad
 
-from treg.analytic import AnalyticPrior, load_image
 from treg.config import ConfigError, load_solver
-from treg.diffusion import cfg as guided_eps, ddim_step, randn, tweedie
-from treg.fast import (cci_basis, cci_coefficients, cci_table, gain_solver, pigdm_guidance, start_grid,
-                       with_noise)
+from treg.diffusion import ddim_step, guided_eps, randn, tweedie
 from treg.latent_ops import latent_operator, projector
 from treg.operators import build_operator
-from treg.pixel import AnalyticPixelPrior
-from treg.posterior import exact_posterior, landed_component
-from treg.solvers import SOLVERS, residual_norm
+from treg.priors.analytic import AnalyticPrior, load_image
+from treg.priors.pixel import AnalyticPixelPrior
+from treg.priors.posterior import exact_posterior, landed_component
+from treg.solvers import SOLVERS, with_noise
+from treg.solvers.fast import cci_basis, cci_coefficients, cci_table, gain_solver, pigdm_guidance, start_grid
+from treg.solvers.latent import residual_norm
 
 ROOT = Path(__file__).resolve().parent.parent
 NULL_PROMPT = "out of focus, depth of field"
@@ -624,8 +624,8 @@ def test_yaml_spells_out_the_defaults(name):
 
 @pytest.fixture(scope="module")
 def pixel_priors(tmp_path_factory):
-    from treg.prior import load_prior
-    from treg.tiny import build_tiny_pixel
+    from treg.priors.load import load_prior
+    from treg.priors.tiny import build_tiny_pixel
     folder = build_tiny_pixel(tmp_path_factory.mktemp("tiny-pixel-fast"))
     return {"tiny-pixel": load_prior(str(folder)), "analytic-pixel": AnalyticPixelPrior.from_folder()}
 
@@ -647,7 +647,7 @@ def test_every_solver_runs_three_steps_on_pixel_priors(name, prior_name, pixel_p
 def test_bench_fast_writes_its_table_json_and_figure(tmp_path):
     """A small run of the accuracy-per-NFE benchmark: exact posterior samples score as calibrated (within-mode
     distance ≈ 1), CCI-5 lands on the prompt at 10 NFE, and the three files are written."""
-    from treg import bench_fast
+    from treg.bench import fast as bench_fast
     out = tmp_path / "fast"
     bench_fast.main(["--seeds", "4", "--tasks", "super-resolution", "--methods", "cci-5,treg-5", "--out", str(out)])
     rows = {(r["setting"], r["solver"]): r for r in json.loads(out.with_suffix(".json").read_text())["rows"]}
@@ -661,7 +661,7 @@ def test_bench_fast_writes_its_table_json_and_figure(tmp_path):
 def test_bench_fast_sets_the_noise_and_runs_yaml_named_variants(tmp_path):
     """--noise_scale 0.1 reaches y and the noise-aware cci; cci-noiseless (its YAML: σ_y = 0) fits the noise, so
     its ×16 SR residual sits below the exact samples' while cci's sits near it (measured 0.74 / 0.97 / 0.99)."""
-    from treg import bench_fast
+    from treg.bench import fast as bench_fast
     out = tmp_path / "noisy"
     bench_fast.main(["--seeds", "4", "--tasks", "super-resolution", "--methods", "cci-5,cci-noiseless-5",
                      "--noise_scale", "0.1", "--out", str(out)])

@@ -1,4 +1,4 @@
-"""CCI's scalar coefficients (treg.fast.cci_coefficients, cci_table, _noisy_coefficients) against closed forms and
+"""CCI's scalar coefficients (treg.solvers.fast.cci_coefficients, cci_table, _noisy_coefficients) against closed forms and
 adaptive quadrature, where tests/test_fast.py checks them only through the solves. Written from mutation testing
 (tests/mutation/run.sh)."""
 import math
@@ -7,7 +7,7 @@ import torch
 from scipy.integrate import quad
 from scipy.special import beta, betainc
 
-from treg.fast import cci_coefficients, cci_table
+from treg.solvers.fast import cci_coefficients, cci_table
 
 
 def test_phi_is_zero_at_b_zero_and_phi_j2_is_an_incomplete_beta():

@@ -1,4 +1,4 @@
-"""The loops of treg.fast (cci, pigdm, ddrm) and their helpers against independent constructions on a tiny bed
+"""The loops of treg.solvers.fast (cci, pigdm, ddrm) and their helpers against independent constructions on a tiny bed
 (the analytic pixel prior at 16 px, ×4 SR, whose H is a dense 48×768 matrix): what the callbacks report, the start,
 and the paths that tests/test_fast.py does not replay. Written from mutation testing (tests/mutation/run.sh)."""
 import dataclasses
@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from treg.analytic import load_image
-from treg.diffusion import cfg as guided_eps, randn, tweedie
+from treg.diffusion import guided_eps, randn, tweedie
 from treg.operators import build_operator
-from treg.pixel import AnalyticPixelPrior
+from treg.priors.analytic import load_image
+from treg.priors.pixel import AnalyticPixelPrior
 from treg.solvers import SOLVERS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -90,7 +90,7 @@ class WithoutAdjoint:
 @pytest.fixture(scope="module")
 def decoded_bed():
     """32 px, ×16 SR (y: 3×2×2) on WithoutAdjoint(AnalyticPrior) (latent 4×4×4), y = A x + 0.05·n, float64."""
-    from treg.analytic import AnalyticPrior
+    from treg.priors.analytic import AnalyticPrior
     prior = WithoutAdjoint(AnalyticPrior.from_folder())
     op = build_operator("super_resolution", 32, scale=16).double()
     x = load_image(ROOT / "samples/cat_1.jpg", 32).double()
@@ -104,7 +104,7 @@ def test_pigdm_through_the_decoder_replays_the_step_with_a_dense_decoder_and_pix
     pinv of the decoder's matrix D plus its draw from the solver's generator), the guidance (∂x̂0/∂x)ᵀ Mᵀ (AAᵀ + cI)⁻¹(y − M x̂0) with M = A·D and the gain of
     the PIXEL operator (dense AAᵀ), c = (σ_y/σ)², and ΠGDM's weight ∫½w·e^{b/2} db by quadrature."""
     from scipy.integrate import quad
-    from treg.fast import start_grid
+    from treg.solvers.fast import start_grid
     prior, op, y, uc, c = decoded_bed
     w, steps, k_start, sigma_y = 6.0, 3, 566, 0.05
     fn, config = SOLVERS["pigdm"]
@@ -154,7 +154,7 @@ def test_ddrm_refuses_a_prior_without_latent_h_and_an_operator_without_svd(decod
 
 def test_with_noise_fills_only_an_unset_sigma_y():
     """σ_y None → the task's noise; a set σ_y (0 included) and a config without σ_y (TReg's) are left as they are."""
-    from treg.fast import with_noise
+    from treg.solvers import with_noise
     for name in ("cci", "pigdm", "ddrm"):
         config = SOLVERS[name][1]
         assert with_noise(config(), 0.3) == dataclasses.replace(config(), sigma_y=0.3)
@@ -189,10 +189,10 @@ def test_the_model_sees_the_measurements_dtype(name, bed, monkeypatch):
 
 def test_cci_starts_from_the_inverted_start_when_asked(bed):
     """init = inversion: the first x̂0 is tweedie of the inverted start its docstring names, built here from
-    treg.inversion.measurement_start: RNRI with 50 unshifted DDIM steps and the solver's text guidance (3, not the
+    treg.solvers.inversion.measurement_start: RNRI with 50 unshifted DDIM steps and the solver's text guidance (3, not the
     inversion's default 2) down to init_invert_t, re-noised to ᾱ_{k_start}, with the same generator; not of
     μ₀·H⁺y + σ₀·n."""
-    from treg.inversion import InversionConfig, measurement_start
+    from treg.solvers.inversion import InversionConfig, measurement_start
     prior, op, y, uc, c, _ = bed
     seen = []
     solve("cci", bed, callback=seen.append, sigma_y=0.05, steps=2, k_start=500, init="inversion", init_invert_t=200,
@@ -257,7 +257,7 @@ def test_pigdm_without_svd_replays_the_step_with_a_dense_gain():
     """Motion blur (no SVD): the gain (HHᵀ + cI)⁻¹ by cfg.cg_iters of CG against a dense inverse, the start with
     H⁺y by the operator's own CG pinv (its tolerance, not a dense pinv), 2 steps of ΠGDM's update written out."""
     from scipy.integrate import quad
-    from treg.fast import start_grid
+    from treg.solvers.fast import start_grid
     prior = AnalyticPixelPrior.from_folder()
     op = build_operator("blur", 16, kernel="motion", kernel_size=5, intensity=0.5, seed=0).double()
     H = dense_matrix(op, (3, 16, 16))

@@ -298,3 +298,12 @@ def test_missing_inception_weights_name_the_file_and_folder(monkeypatch, tmp_pat
     with pytest.raises(NotImplementedError):  # a meta tensor has no data to copy back; where it went is recorded
         fid.load_inception(device="meta")(torch.rand(1, 3, 8, 8))
     assert built == [[3], ("meta", "meta")]  # the model and its input are both moved to the device asked for
+
+
+def test_the_command_line_prints_help_and_refuses_too_few_images(tmp_path, capsys):
+    with pytest.raises(SystemExit) as done:
+        fid.main(["--help"])
+    assert done.value.code == 0 and "usage: python -m treg.fid" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="at least 2 PNGs in each folder"):
+        fid.main([str(tmp_path), str(tmp_path), "--device", "cpu"])
+

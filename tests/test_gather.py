@@ -1,4 +1,4 @@
-"""treg.gather on a real 2×2 sweep (cfg_guidance × null_lr) solved in-process with the analytic prior."""
+"""treg.commands.gather on a real 2×2 sweep (cfg_guidance × null_lr) solved in-process with the analytic prior."""
 import csv
 import importlib.util
 import json
@@ -13,7 +13,7 @@ import yaml
 from PIL import Image
 
 import solve
-from treg import gather
+from treg.commands import gather
 
 ROOT = Path(__file__).resolve().parent.parent
 GRID = [(w, lr) for w in ("0", "2.5") for lr in ("5e-4", "1e-3")]   # in the order gather must sort them

@@ -12,8 +12,9 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 import solve
-from treg.analytic import AnalyticPrior
-from treg.prior import PriorUnavailable, load_prior
+from treg.priors.analytic import AnalyticPrior
+from treg.priors.base import PriorUnavailable
+from treg.priors.load import load_prior
 
 ROOT = Path(__file__).resolve().parent.parent
 CAT = ROOT / "samples/cat_1.jpg"

@@ -5,9 +5,10 @@ import dataclasses
 import pytest
 import torch
 
-from treg.analytic import SAMPLES, AnalyticPrior, load_image
-from treg.diffusion import cfg as guided_eps, ddim_step, schedule, tweedie
-from treg.inversion import (InversionConfig, implicit_map, implicit_residual, invert, prompt_aware_adjustment,
+from treg.config import SAMPLES
+from treg.priors.analytic import AnalyticPrior, load_image
+from treg.diffusion import guided_eps, ddim_step, schedule, tweedie
+from treg.solvers.inversion import (InversionConfig, implicit_map, implicit_residual, invert, prompt_aware_adjustment,
                             regenerate, rnri)
 
 
@@ -280,8 +281,8 @@ def test_first_step_at_and_the_warm_start_order(bed):
     """first_step_at on the 50-step grid t_i = 981 − 20·i: the first i with t_i ≤ t is ⌈(981 − t)/20⌉ (the last step
     if none is, the first if all are); a warm start that would invert past its own start is refused."""
     from treg.config import ConfigError
-    from treg.inversion import first_step_at, warm_start
-    from treg.solvers import TRegConfig
+    from treg.solvers.inversion import first_step_at, warm_start
+    from treg.solvers.latent import TRegConfig
     prior, z0, c, uc = bed
     triples = schedule(prior.alphas_cumprod, 50)
     for t in (5000, 981, 980, 501, 500, 481, 480, 2, 1):
@@ -297,7 +298,7 @@ def test_measurement_start_draws_from_the_generator(tiny_prior):
     sample of A⁺y, the prompt-aware adjustment's noise inside RNRI, and the re-noising, so a seed fixes the start and
     the start is the inversion (down to the first step with t ≤ 501, unshifted) re-noised from its level to `level`."""
     from treg.config import ConfigError
-    from treg.inversion import measurement_start, renoised_inversion
+    from treg.solvers.inversion import measurement_start, renoised_inversion
     from treg.operators import build_operator
     op = build_operator("super_resolution", 64, scale=4)
     y = op.A(load_image(SAMPLES / "cat_1.jpg", 64))
@@ -327,9 +328,9 @@ def test_warm_start_under_the_solvers_sampler(bed):
     """warm_start inverts with the solver's own triples and guidance (here unshifted, w = 3) down to the first step
     with t ≤ init_invert_t, and re-noises with the generator to the level of the first step with t ≤ init_t:
     rebuilt from rnri, the unshifted schedule and the generator's next draw."""
-    from treg.inversion import warm_start
+    from treg.solvers.inversion import warm_start
     from treg.operators import build_operator
-    from treg.solvers import TRegConfig
+    from treg.solvers.latent import TRegConfig
     prior, _, c, uc = bed
     op = build_operator("super_resolution", 64, scale=16)
     y = op.A(load_image(SAMPLES / "cat_1.jpg", 64).double())

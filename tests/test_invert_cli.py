@@ -1,4 +1,4 @@
-"""`python -m treg.invert` end to end on the tiny random SD folder and on the analytic prior."""
+"""`python -m treg invert` end to end on the tiny random SD folder and on the analytic prior."""
 import json
 
 import numpy as np
@@ -6,10 +6,10 @@ import pytest
 import torch
 from PIL import Image
 
-from treg import invert as invert_cli
-from treg.analytic import SAMPLES
-from treg.inversion import InversionConfig, regenerate
-from treg.prior import load_prior
+from treg.commands import invert as invert_cli
+from treg.config import SAMPLES
+from treg.priors.load import load_prior
+from treg.solvers.inversion import InversionConfig, regenerate
 
 ROOT_SAMPLE = str(SAMPLES / "cat_1.jpg")
 
@@ -99,10 +99,11 @@ def cuda_build_without_gpu(monkeypatch):
 
 
 def test_default_device_without_a_usable_gpu(cuda_build_without_gpu, tmp_path):
-    """The default device is cpu there, and every command that loads a model runs without --device (treg.invert,
-    solve.py, treg.gather's Inception); --device cuda is one line."""
+    """The default device is cpu there, and every command that loads a model runs without --device (treg.commands.invert,
+    solve.py, treg.commands.gather's Inception); --device cuda is one line."""
     import solve
-    from treg import gather, hub
+    from treg import hub
+    from treg.commands import gather
     assert hub.resolve_device(None) == torch.device("cpu")
     invert_cli.main(["--model", "analytic", "--img_path", ROOT_SAMPLE, "--image_size", "64", "--steps", "3",
                      "--workdir", str(tmp_path / "invert")])

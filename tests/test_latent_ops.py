@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from treg import latent_ops
-from treg.analytic import AnalyticPrior
 from treg.config import ConfigError
 from treg.latent_ops import DecodedOperator, LatentSurrogate, SpectralOperator, latent_operator, projector
 from treg.operators import Inpainting, build_operator
+from treg.priors.analytic import AnalyticPrior
 
 SIZE = 32  # latents (4, 4, 4): n = 64
 

@@ -1,6 +1,7 @@
 """Metrics: PSNR/SSIM against scikit-image, LPIPS with random weights in torchvision's file layout, CLIP score with
 a tiny random CLIP, and the one-line MetricUnavailable path for every missing model."""
 import json
+import types
 
 import numpy as np
 import pytest
@@ -10,7 +11,8 @@ from scipy.ndimage import gaussian_filter
 from skimage import data
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from treg.metrics import LPIPS, CLIPScore, MetricUnavailable, build_metrics, load_lpips, psnr, residual, ssim
+from treg.metrics import LPIPS, CLIPScore, MetricUnavailable, build_metrics, load_lpips, psnr, ssim
+from treg.solvers.latent import residual_norm
 
 
 def to_tensor(img01):
@@ -65,7 +67,8 @@ def test_residual():
     y = torch.zeros(2, 3, 4, 4)
     Ax = torch.zeros(2, 3, 4, 4)
     Ax[0, 0, 0, 0], Ax[0, 1, 1, 1], Ax[1] = 3.0, 4.0, 0.5
-    assert torch.allclose(residual(y, Ax), torch.tensor([5.0, 0.5 * 48 ** 0.5]))
+    identity = types.SimpleNamespace(A=lambda x: x)  # residual_norm(op, y, x) = ‖y − A x‖ per image
+    assert torch.allclose(residual_norm(identity, y, Ax), torch.tensor([5.0, 0.5 * 48 ** 0.5]))
 
 
 # --------------------------------------------------------------------------------------------------------------- LPIPS

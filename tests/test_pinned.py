@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import solve
-from treg.analytic import AnalyticPrior
 from treg.images import load_image
 from treg.operators import build_operator, measure
-from treg.solvers import PSLDConfig, TRegConfig, psld, treg
+from treg.priors.analytic import AnalyticPrior
+from treg.solvers.latent import PSLDConfig, TRegConfig, psld, treg
 
 NULL_PROMPT = "out of focus, depth of field"
 STEPS = 20

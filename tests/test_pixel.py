@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from treg.analytic import load_image
 from treg.operators import build_operator
-from treg.pixel import AnalyticPixelPrior, PixelDiffusion
-from treg.posterior import exact_posterior
-from treg.prior import load_prior
-from treg.tiny import build_tiny_pixel
+from treg.priors.analytic import load_image
+from treg.priors.load import load_prior
+from treg.priors.pixel import AnalyticPixelPrior, PixelDiffusion
+from treg.priors.posterior import exact_posterior
+from treg.priors.tiny import build_tiny_pixel
 
 ROOT = Path(__file__).resolve().parent.parent
 

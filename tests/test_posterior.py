@@ -1,14 +1,14 @@
-"""The exact posterior (treg.posterior) against its closed form computed densely here: M = A∘decode as a matrix,
+"""The exact posterior (treg.priors.posterior) against its closed form computed densely here: M = A∘decode as a matrix,
 Σ = (I/s² + MᵀM/σ²)⁻¹ by a dense inverse, the component weights from torch's multivariate normal densities, and
 the null-space means of ambiguous_prior from a dense pseudo-inverse. 2×2 latents (n = 16), seconds in all."""
 import pytest
 import torch
 from torch.distributions import MultivariateNormal
 
-from treg.analytic import AnalyticPrior
+from treg.latent_ops import linear_map
 from treg.operators import build_operator
-from treg.posterior import (CG_RTOL, ambiguous_prior, cg, exact_posterior, landed_component, linear_map,
-                            sample)
+from treg.priors.analytic import AnalyticPrior
+from treg.priors.posterior import CG_RTOL, ambiguous_prior, cg, exact_posterior, landed_component, sample
 
 SIZE, LATENT = 16, (4, 2, 2)
 CAPTIONS = ["red apple", "blue car", "green tree"]

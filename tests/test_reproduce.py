@@ -12,7 +12,8 @@ import torch
 from conftest import write_food101
 from PIL import Image
 
-from treg import fid, reproduce
+from treg import fid
+from treg.commands import reproduce
 from treg.runs import fmt
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -170,7 +171,7 @@ def test_two_process_accelerate_run_shards_every_run_and_matches_one_process(rep
     tmp, _, single, _ = reproduced
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "treg.reproduce",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "treg", "reproduce",
            *ARGS, "--food101", str(tmp), "--out", str(out), "--methods", "treg"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -193,8 +193,8 @@ def counting_solver(monkeypatch):
 
 def test_other_settings_are_refused_and_overwrite_replaces_the_old_run(tmp_path):
     """Issue 16 §9: a new prompt and w = 0 into a used workdir, with --skip_existing, skipped every image and left
-    the dog's PNGs under a run.json naming the coffee (then treg.figure found two reconstructions)."""
-    from treg import figure
+    the dog's PNGs under a run.json naming the coffee (then treg.commands.figure found two reconstructions)."""
+    from treg.commands import figure
     work = tmp_path / "w"
     assert run_main("--workdir", work, "--steps", 3, "--limit", 2, "--prompt", "a photo of a dog") is None
     before = tree(work)

@@ -8,11 +8,11 @@ import pytest
 import torch
 import torch._dynamo  # noqa: F401 (torch.optim's first step imports it, ~10 s: here it happens once, at collection)
 
-from treg.analytic import AnalyticPrior
+from treg.priors.analytic import AnalyticPrior
 from treg.images import load_image
 from treg.operators import build_operator
-from treg.analytic import sd15_alphas_cumprod
-from treg.solvers import (WEIGHTINGS, DDIMConfig, DPSConfig, P2LConfig, PSLDConfig, REDDiffConfig, TRegConfig,
+from treg.priors.analytic import sd15_alphas_cumprod
+from treg.solvers.latent import (WEIGHTINGS, DDIMConfig, DPSConfig, P2LConfig, PSLDConfig, REDDiffConfig, TRegConfig,
                           adaptive_negation, ddim, dps, p2l, psld, reddiff, snr_weight, treg)
 
 NULL_PROMPT = "out of focus, depth of field"

@@ -7,7 +7,8 @@ import torch
 from treg.config import ConfigError
 from treg.images import load_image
 from treg.operators import build_operator
-from treg.solvers import SOLVERS, TRegConfig, adaptive_negation, residual_norm, treg
+from treg.solvers import SOLVERS
+from treg.solvers.latent import TRegConfig, adaptive_negation, residual_norm, treg
 
 
 @pytest.fixture(scope="module")

@@ -1,12 +1,12 @@
-"""The full-size random SD-1.5 (treg.tiny --full-size) without building it: its configs counted on the meta device
+"""The full-size random SD-1.5 (treg.priors.tiny --full-size) without building it: its configs counted on the meta device
 against SD-1.5's published sizes, its CLIP-sized tokenizer, and its folder layout loaded through load_prior."""
 import json
 
 import pytest
 import torch
 
-from treg import tiny
-from treg.prior import load_prior
+from treg.priors import tiny
+from treg.priors.load import load_prior
 
 # Parameter counts of the published checkpoints (stable-diffusion-v1-5/stable-diffusion-v1-5's unet, vae and
 # text_encoder; openai/clip-vit-large-patch14's vision tower with its 1024→768 projection), from their model cards
@@ -71,4 +71,5 @@ def test_full_size_folder_layout_loads_through_load_prior(tmp_path, monkeypatch)
 
 def test_cli_refuses_fp32_without_full_size(tmp_path):
     with pytest.raises(SystemExit, match="--fp32 applies only with --full-size"):
-        tiny.main([str(tmp_path / "x"), "--fp32"])
+        from treg.commands import tiny as tiny_command
+        tiny_command.main([str(tmp_path / "x"), "--fp32"])

@@ -6,12 +6,12 @@ import pytest
 import torch
 
 import solve
-from treg.analytic import SAMPLES, AnalyticPrior, load_image
+from treg.config import SAMPLES
 from treg.diffusion import schedule
-from treg.invert import round_trip_psnr
-from treg.inversion import InversionConfig, rnri, warm_start
 from treg.operators import build_operator
-from treg.solvers import DPSConfig, TRegConfig, dps, treg
+from treg.priors.analytic import AnalyticPrior, load_image
+from treg.solvers.inversion import InversionConfig, rnri, round_trip_psnr, warm_start
+from treg.solvers.latent import DPSConfig, TRegConfig, dps, treg
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +91,7 @@ def test_init_flags_are_checked(tmp_path):
 def test_renoised_inversion_is_the_inversion_plus_forward_noise(bed):
     """At the inversion's own level nothing is added (the RNRI latent itself); at a noisier level the result is
     √(ᾱ/ᾱ_s)·z_s + √(1 − ᾱ/ᾱ_s)·n with n drawn from the generator after the inversion."""
-    from treg.inversion import renoised_inversion
+    from treg.solvers.inversion import renoised_inversion
     prior, op, _, y, c, uc = bed
     inversion = InversionConfig(steps=50, official_shift=False, start_step=45)
     z0 = prior.encode(op.pinv(y))
@@ -110,7 +110,7 @@ def test_renoised_inversion_is_the_inversion_plus_forward_noise(bed):
 
 def test_cci_starts_from_the_inversion_when_asked(bed, monkeypatch):
     """cci with init = inversion begins at inverted_start's latent instead of μ·H⁺y + σ·n, and still fits y."""
-    from treg import fast
+    from treg.solvers import fast
     prior, op, _, y, c, uc = bed
     cfg = fast.CCIConfig(cfg_guidance=5.0, sigma_y=0.01, init="inversion")
     starts = []

@@ -1,12 +1,17 @@
 """Configs are dataclasses loaded from YAML; an unknown, missing, mistyped or out-of-range key is an error, never
 ignored. A field declares its valid range once, next to itself, with `bounded` (numbers) or `one_of` (names);
 `build` checks every field in one place, and every float must be finite."""
+import argparse
 import dataclasses
 import math
 import typing
 from pathlib import Path
 
 import yaml
+
+ROOT = Path(__file__).resolve().parent.parent  # the repository: configs/, samples/, solve.py
+CONFIGS = ROOT / "configs"
+SAMPLES = ROOT / "samples"
 
 
 class ConfigError(ValueError):
@@ -130,3 +135,11 @@ def load_solver(path, solvers, overrides=None, strict=True):
             raise ConfigError(f"--{key} does not apply to solver '{name}' (its settings: {', '.join(names)})")
         data[key] = value
     return name, build(cls, data, str(path))
+
+
+def parse_set(text):
+    """A --set SOLVER.KEY=VALUE argument as (SOLVER.KEY, value), the value read as YAML."""
+    key, sep, value = text.partition("=")
+    if not sep or "." not in key:
+        raise argparse.ArgumentTypeError(f"--set expects SOLVER.KEY=VALUE, got {text!r}")
+    return key, yaml.safe_load(value)

@@ -113,3 +113,30 @@ def input_images(img_path, use_dataloader=False, dataset=None, root=None, target
     if dataset is None:
         raise ConfigError("--use_dataloader needs --dataset (one of " + ", ".join(DATASETS) + ")")
     return dataset_images(dataset, root, target)
+
+
+def write_food101(root, per_class=3, size=(80, 64)):
+    """A fabricated Food-101 folder (images/<class>/<id>.jpg, meta/test.json and test.txt, classes.txt,
+    labels.txt) of small generated images. Ids are listed out of sorted order, as in the real meta files, so a
+    loader that sorts instead of following the meta order is caught. Returns {class: [ids in meta order]}."""
+    import numpy as np
+    from PIL import Image
+
+    classes = {"fried_rice": "Fried rice", "ice_cream": "Ice cream", "apple_pie": "Apple pie"}
+    rng = np.random.default_rng(0)
+    split = {}
+    for k, key in enumerate(classes):
+        ids = [f"{key}/{900 - 100 * j + k}" for j in range(per_class)]  # descending ids
+        for rel in ids:
+            path = root / "images" / f"{rel}.jpg"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            smooth = np.kron(rng.uniform(0, 255, (size[1] // 8, size[0] // 8, 3)), np.ones((8, 8, 1)))
+            Image.fromarray(smooth.astype(np.uint8)).save(path, quality=95)
+        split[key] = ids
+    meta = root / "meta"
+    meta.mkdir(parents=True)
+    (meta / "test.json").write_text(json.dumps(split))
+    (meta / "test.txt").write_text("".join(f"{rel}\n" for ids in split.values() for rel in ids))
+    (meta / "classes.txt").write_text("".join(f"{key}\n" for key in sorted(classes)))
+    (meta / "labels.txt").write_text("".join(f"{classes[key]}\n" for key in sorted(classes)))
+    return split

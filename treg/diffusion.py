@@ -53,7 +53,7 @@ def ddim_step(z0, eps, a_prev, sigma=0.0, noise=None):
     return z if sigma == 0 else z + sigma * noise
 
 
-def cfg(prior, z, t, uc, c, w):
+def guided_eps(prior, z, t, uc, c, w):
     """Classifier-free guidance ε_uc + w·(ε_c − ε_uc), skipping the branch that w makes irrelevant.
 
     w = 0 is "without text" (null prompt only); w = 1 is the conditional prediction. (The official code returns

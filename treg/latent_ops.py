@@ -1,5 +1,5 @@
 """The measurement as a linear operator H on the prior's diffusion variable, for the solvers that need H's
-pseudo-inverse, projector or SVD there (treg.fast: CCI, ΠGDM, DDRM).
+pseudo-inverse, projector or SVD there (treg.solvers.fast: CCI, ΠGDM, DDRM).
 
     pixel prior (vae_scale_factor 1)   H = the pixel operator, with pinv from its SVD in float64 where it has one
                                        (SpectralOperator: then H⁺H is an exact projector), else its own CG pinv
@@ -7,6 +7,7 @@ pseudo-inverse, projector or SVD there (treg.fast: CCI, ΠGDM, DDRM).
     Stable Diffusion                   A∘decode is nonlinear: no exact H. `surrogate=True` gives the reference's
                                        experimental latent stand-in for SR and inpainting (LatentSurrogate)
 """
+import copy
 import math
 
 import torch
@@ -15,9 +16,15 @@ import torch.nn.functional as F
 from treg.config import ConfigError
 from treg.linalg import conjugate_gradient
 from treg.operators import SVD
-from treg.posterior import linear_map
 
 DENSE_LIMIT = 1024  # latent dimensions up to which M is formed densely (its SVD costs well under a second)
+
+
+def linear_map(prior, op):
+    """(M, Mᵀ) in float64 for M = A∘decode. Mᵀ uses decode's true adjoint, which is not encode when there is a gain."""
+    if isinstance(op, torch.nn.Module):
+        op = copy.deepcopy(op).double()
+    return (lambda z: op.A(prior.decode(z))), (lambda r: prior.decode_adjoint(op.At(r)))
 
 
 class DecodedOperator:

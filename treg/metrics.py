@@ -1,4 +1,5 @@
-"""Image-quality metrics on tensors: PSNR, SSIM, LPIPS, CLIP score and the measurement residual.
+"""Image-quality metrics on tensors: PSNR, SSIM, LPIPS and CLIP score (the measurement
+residual is treg.solvers.latent.residual_norm).
 
 Every metric takes float tensors (B,3,H,W) in [-1,1] *as given* (no clamping, no uint8 rounding; clamp first if an
 output can leave the range) and returns a (B,) float tensor, one value per image, on the input's device.
@@ -68,11 +69,6 @@ def official_view(x):
     lo, hi = x.amin((1, 2, 3), keepdim=True), x.amax((1, 2, 3), keepdim=True)
     stretched = (x - lo) / (hi - lo).clamp(min=1e-5)
     return (stretched * 255 + 0.5).clamp(0, 255).floor() / 255
-
-
-def residual(y, Ax):
-    """Per-image measurement residual ‖y − A x‖₂."""
-    return (y - Ax).flatten(1).norm(dim=1)
 
 
 # ---------------------------------------------------------------------------------------------------------------- LPIPS

@@ -2,13 +2,16 @@
 complete); records are merged into run.json (settings, per-image results, metric means) and metrics.csv.
 Several processes can write records side by side; one merges them at the end."""
 import csv
+import errno
 import io
 import json
 import math
+import re
+import unicodedata
 import warnings
 from pathlib import Path
 
-from treg.images import atomic_write
+from treg.images import atomic_write, save_image
 
 RECORDS = "records"
 OUTPUT_FOLDERS = ("input", "label", "recon", "ypred", "compare")  # the PNGs of solve.py, recon/ypred per method
@@ -207,3 +210,50 @@ def markdown(header, body):
 def markdown_table(summary, columns):
     """A markdown table with one row per method and the given mean columns."""
     return markdown(["method", *columns], [[m, *(s.get(c) for c in columns)] for m, s in summary.items()])
+
+
+# ---------------------------------------------------------------- the files of one solved image (solve.py)
+def slug(prompt, limit=80):
+    """A file-name-safe form of the prompt: ASCII, no path separators or leading dots, at most `limit` chars."""
+    text = unicodedata.normalize("NFKD", prompt).encode("ascii", "ignore").decode()
+    text = re.sub(r"[^A-Za-z0-9 ,_+-]+", "_", text).strip(" _")
+    return text[:limit].rstrip(" _") or "no-prompt"
+
+
+def output_files(workdir, index, name, methods, compare):
+    """{(kind, method): path} for one image; kind is input, label, recon, ypred or compare."""
+    stem = f"{index:05d}-{name}.png"
+    files = {("input", None): workdir / "input" / stem, ("label", None): workdir / "label" / stem}
+    for m in methods:
+        sub = Path(m) if compare else Path()
+        files[("recon", m)] = workdir / "recon" / sub / stem
+        files[("ypred", m)] = workdir / "ypred" / sub / stem
+    if compare:
+        files[("compare", None)] = workdir / "compare" / stem
+    return files
+
+
+def write_outputs(files, pictures, record_path, record):
+    """Write one image's PNGs ({key: tensor or PIL image}), then its record, which marks it complete. If any write
+    fails, the files already written for it are removed: an image is complete or absent, never half-written."""
+    for path in [*files.values(), record_path]:
+        if path.is_dir():
+            raise OSError(errno.EISDIR, "a folder is in the way of an output file", str(path))
+    written = []
+    try:
+        for key, path in files.items():
+            picture = pictures[key]
+            if hasattr(picture, "save"):  # a PIL image (the compare strip); else an image tensor
+                atomic_write(path, lambda tmp: picture.save(tmp, format="PNG"))
+            else:
+                save_image(picture, path)
+            written.append(path)
+        write_json(record_path, record)
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+            try:
+                path.parent.rmdir()  # only if this image's file was all it held
+            except OSError:
+                pass
+        raise

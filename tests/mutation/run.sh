@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Mutation testing of one maths module with mutmut 3 (not part of CI: pip install mutmut==3.8.1 first).
-#   tests/mutation/run.sh treg/fast.py tests/test_fast.py [more test files or pytest -k args ...]
+#   tests/mutation/run.sh treg/solvers/fast.py tests/test_fast.py [more test files or pytest -k args ...]
 # Copies the working tree to a scratch folder, writes mutmut's setup.cfg there (so the repository keeps no
 # tool config), mutates only MODULE, runs only the given tests for each mutant, and prints the score and the
 # surviving mutants. Set MUTMUT_FILTER to one or more space-separated globs of mutant names
-# (e.g. 'treg.fast.x_ddrm* treg.fast.x_cci_table*') to run a subset.
+# (e.g. 'treg.solvers.fast.x_ddrm* treg.solvers.fast.x_cci_table*') to run a subset.
 set -euo pipefail
 module=$1; shift
 [ $# -ge 1 ] || { echo "usage: $0 MODULE TEST_FILE [TEST_FILE ...]" >&2; exit 2; }

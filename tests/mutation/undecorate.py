@@ -8,7 +8,7 @@ functions"), so without this the solvers' loops (ddim, treg, cci, ...) get no mu
 
 becomes `def f(...): ...` followed at once by `f = torch.no_grad()(f)`: the same wrapper applied at the same
 point of the module, so names bound later (e.g. a SOLVERS dict) still see the wrapped function.
-    python tests/mutation/undecorate.py treg/solvers.py
+    python tests/mutation/undecorate.py treg/solvers/latent.py
 """
 import ast
 import sys

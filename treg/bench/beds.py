@@ -1,6 +1,6 @@
 """The calibration bed: an analytic prior whose exact posterior has several modes of measurable width, exact draws
 from that posterior, the statistics that compare a solver's outputs across seeds with those draws, and the
-known-wrong solver variants those statistics must catch. `python -m treg.bench_calibration` runs them.
+known-wrong solver variants those statistics must catch. `python -m treg bench calibration` runs them.
 
 Bed. ×8 bicubic SR at 64² (configs/task/super-resolution-x8.yaml, σ = 0.01): M = A∘decode maps the 256 latent values
 (4×8×8) to 192 measured ones and has a 64-dimensional null space. Components (s = 0.1 each):
@@ -15,7 +15,7 @@ measurable: the posterior std is s = 0.1 per null-space direction and about σ =
 
 Posterior. Σ = (I/s² + MᵀM/σ²)⁻¹ is diagonal in the eigenbasis V of the dense MᵀM (eigenvalues λ): variance
 1/(1/s² + λ/σ²) per eigenvector, so an exact draw is m_k + V(√var ⊙ n), n ~ N(0, I). The weights come from
-treg.bench_accuracy.dense_posterior; the CFG-tilted target of guidance w is the exact posterior of the prior
+treg.priors.posterior.dense_posterior; the CFG-tilted target of guidance w is the exact posterior of the prior
 π_uc^(1−w)·π_c^w (exact for components that do not overlap, as here).
 
 Exact CFG sampler. The tilted posterior is not what CFG sampling gives (CFG's field is not the score of any noised
@@ -28,18 +28,24 @@ diagonal in M's SVD basis (M = U diag(S) Vᵀ: measured coordinate i of Uᵀz ha
 log p̃(y | z_t) = logsumexp_k(log r̃_k(z_t) + log p(y | z_t, k)) with r̃_k the tilted responsibilities; its gradient is
 Σ_k ρ_k(s_k + ∇ℓ_k) − Σ_k r̃_k s_k (ρ ∝ r̃_k p(y | z_t, k), s_k = −(z_t − √ᾱμ_k)/v).
 """
+import dataclasses
 import inspect
 import textwrap
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
-from treg import solvers
-from treg.analytic import SAMPLES, AnalyticPrior, load_image
-from treg.bench_accuracy import dense_posterior, hidden_details, latent_gram
-from treg.config import load_task
+from treg.config import CONFIGS, SAMPLES, ConfigError, load_task
 from treg.operators import build_operator, measure
+from treg.priors.analytic import AnalyticPrior, load_image
+from treg.priors.posterior import dense_posterior, landed_component, latent_gram
+from treg.profiling import PRIOR_PARTS, Profiler
+from treg.solvers import SOLVERS, configure, with_noise
+from treg.solvers.latent import residual_norm
 
 TASK = "super-resolution-x8"
 IMAGE_SIZE = 64
@@ -378,4 +384,171 @@ def patched_copy(fn, old, new):
 def variant(name):
     """(base solver name, patched solver function) of a known-wrong variant."""
     base, _, old, new = VARIANTS[name]
-    return base, patched_copy(solvers.SOLVERS[base][0], old, new)
+    return base, patched_copy(SOLVERS[base][0], old, new)
+
+
+# ------------------------------------------------------------ the hidden-detail grid (accuracy and warm-start beds)
+IMAGES = ("cat_1.jpg", "coffee.jpg", "rocket.jpg")
+
+
+def hidden_details(gram, forward, shape, sigma, count, rms=0.1, visible=0.5, seed=0):
+    """`count` orthogonal latent "details" (count, *shape) float64 that the measurement M cannot see.
+
+    If M has a null space (SR, inpainting), the details are random orthogonal directions in it of RMS `rms` per
+    latent value. If not (blur: M is injective on latents, only weakly on some directions), they lie along the
+    weakest eigenvectors of MᵀM, scaled down until every pair differs by at most visible·σ in the measurement,
+    i.e. below the noise. Also returns a dict describing them.
+    """
+    lam, vec = torch.linalg.eigh(gram)
+    lam = lam.clamp(min=0)
+    n = len(lam)
+    null = int((lam <= 1e-9 * lam.max()).sum())
+    size = rms * n ** 0.5
+    if null >= count:
+        g = torch.Generator().manual_seed(seed)
+        mix, _ = torch.linalg.qr(torch.randn(null, count, generator=g, dtype=torch.float64))
+        u = (vec[:, :null] @ mix).T
+    else:
+        u = vec[:, :count].T
+        pair = max((lam[j] + lam[k]).item() for j in range(count) for k in range(j + 1, count))
+        size = min(size, visible * sigma / pair ** 0.5)
+    details = size * u.reshape(count, *shape)
+    seen = forward(details)
+    gaps = [(details[j] - details[k]).norm().item() for j in range(count) for k in range(j + 1, count)]
+    leaks = [(seen[j] - seen[k]).norm().item() / sigma for j in range(count) for k in range(j + 1, count)]
+    return details, {"null_dims": null, "latent_dims": n, "separation": min(gaps), "visibility_over_sigma": max(leaks),
+                     "kind": "null space" if null >= count else "weakest directions"}
+
+
+def grid_prior(op, image_size, sigma, images=IMAGES, std=0.01, beta=5.0, min_separation=20.0):
+    """(prior, info, gram): components μ_(i,k) = encode(x_i) + δ_k (index i·K + k, caption of image k), with the
+    hidden details of `hidden_details`, and MᵀM. s = min(std, separation / min_separation), so that details
+    the measurement barely hides (blur) are still ≥ min_separation·s apart and "landed in k" is well defined."""
+    if image_size > 128:
+        raise ConfigError(f"--image_size {image_size}: the benchmark forms MᵀM densely; use at most 128")
+    captions = yaml.safe_load((SAMPLES / "captions.yaml").read_text())
+    x = torch.cat([load_image(SAMPLES / name, image_size) for name in images]).double()
+    base = AnalyticPrior(["base"], means=torch.zeros(1, 4, 1, 1))
+    mu = base.encode(x)
+    gram, forward, _ = latent_gram(base, op, mu.shape[1:])
+    details, info = hidden_details(gram, forward, mu.shape[1:], sigma, len(images))
+    means = (mu[:, None] + details[None]).flatten(0, 1)
+    std = min(std, info["separation"] / min_separation)
+    names = [captions[name] for name in images]
+    prior = AnalyticPrior([names[k] for _ in images for k in range(len(images))], means=means, std=std, beta=beta)
+    return prior, {**info, "std": std, "separation_over_std": info["separation"] / std, "captions": names,
+                   "details": [Path(name).stem for name in images]}, gram
+
+
+# ----------------------------------------------------------------------- the accuracy bed (one task of the grid)
+NULL_PROMPT = "out of focus, depth of field"
+SETTINGS = ("w=0", "true", "other")
+ACCURACY_SUPPORT = 1e-3  # posterior weight below which a landing is "off" (inconsistent with y)
+
+
+def accuracy_config(name, setting, args):
+    """The accuracy bed's config of solver `name`: its YAML with --steps, --set and the setting's cfg_guidance."""
+    sets = {k.split(".", 1)[1]: v for k, v in args.set.items() if k.split(".", 1)[0] == name}
+    _, cfg = configure(name, args.steps, overrides=sets)
+    if hasattr(cfg, "cfg_guidance"):
+        if setting == "w=0":
+            w = 0.0
+        else:
+            w = args.cfg_guidance if args.cfg_guidance is not None else max(cfg.cfg_guidance, 1.0)
+        cfg = dataclasses.replace(cfg, cfg_guidance=w)
+    return cfg
+
+
+def prompts_for(setting, k_true, captions):
+    if setting == "w=0":
+        return NULL_PROMPT
+    return captions[k_true if setting == "true" else (k_true + 1) % len(captions)]
+
+
+def accuracy_task(task_name, args, bar):
+    """Every (setting, solver) of one task on the hidden-detail grid (`python -m treg bench accuracy --help`):
+    (rows, runs, info)."""
+    task = load_task(CONFIGS / f"task/{task_name}.yaml", args.image_size)
+    op = build_operator(task.operator, task.image_size, **task.params)
+    sigma = task.noise_scale
+    prior, info, gram = grid_prior(op, task.image_size, sigma)
+    captions = info["captions"]
+    kk = len(captions)
+    h = task.image_size // prior.vae_scale_factor
+    mu = prior.means(h, h)
+
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    truth = [j % kk for j in range(len(seeds))]  # seed j measures image j mod K with its own detail
+    x = prior.decode(torch.stack([mu[t * kk + t] for t in truth])).float()
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    y = measure(op, x, sigma, gens)
+    after_y = [g.get_state() for g in gens]
+    floor = sigma * y[0].numel() ** 0.5
+    uc = prior.embed([NULL_PROMPT])
+
+    rows, runs = [], []
+    for setting in SETTINGS:
+        prompts = [prompts_for(setting, t, captions) for t in truth]
+        c = prior.embed(prompts)
+        posts = [dense_posterior(prior, op, gram, y[j:j + 1], prompts[j], sigma) for j in range(len(seeds))]
+        weights = torch.stack([p.log_weights.exp().float() for p in posts])  # (N, K²)
+        if setting == "w=0":
+            target = [None] * len(seeds)
+        else:  # the component with the prompt's caption that the exact posterior weighs most
+            target = [max((i for i, cap in enumerate(prior.captions) if cap == prompts[j]), key=lambda i: weights[j, i])
+                      for j in range(len(seeds))]
+        for name in args.solvers:
+            bar.set_description(f"{task_name} {setting} {name}")
+            row = {"task": task_name, "setting": setting, "solver": name}
+            try:
+                cfg = accuracy_config(name, setting, args)
+                cfg = with_noise(cfg, sigma)  # ΠGDM and DDRM: the noise y really has
+                row["cfg_guidance"] = getattr(cfg, "cfg_guidance", None)
+                for g, state in zip(gens, after_y):
+                    g.set_state(state)
+                profiler = Profiler("cpu")
+                begin = time.perf_counter()
+                x_hat = SOLVERS[name][0](profiler.wrap(prior, PRIOR_PARTS), op, y, cfg, c=c, uc=uc, generator=gens)
+                wall = time.perf_counter() - begin
+                nfe = profiler.report(wall, len(seeds))["nfe"]
+                wall /= len(seeds)
+                if not torch.isfinite(x_hat).all():
+                    raise FloatingPointError("non-finite solution")
+            except Exception as err:  # one failing solver is a table entry, not the end of the benchmark
+                first = str(err).splitlines()[0][:120] if str(err) else ""
+                rows.append({**row, "error": f"{type(err).__name__}: {first}"})
+                bar.update()
+                continue
+            residual = (residual_norm(op, y, x_hat) / floor).tolist()
+            for j in range(len(seeds)):
+                k, w = landed_component(prior, x_hat[j:j + 1], posts[j])
+                k, w = k.item(), w.item()
+                m = posts[j].means[k]
+                z = prior.encode(x_hat[j:j + 1]).double()[0]
+                runs.append({**row, "seed": seeds[j], "truth": truth[j], "prompt": prompts[j],
+                             "residual": residual[j], "landed": k, "landed_caption": prior.captions[k],
+                             "posterior_weight": w, "prompted": target[j],
+                             "hit": None if target[j] is None else k == target[j],
+                             "rel_l2": ((z - m).norm() / m.norm()).item(),
+                             "posterior_weights": [round(v, 6) for v in weights[j].tolist()]})
+            mine = runs[-len(seeds):]
+            detail = dict(zip(captions, info["details"]))  # caption → short name (the image's stem)
+            expected = {detail[cap]: sum(weights[j, i].item() for j in range(len(seeds)) for i, cp in
+                                         enumerate(prior.captions) if cp == cap) for cap in captions}
+            counts = {detail[cap]: sum(r["landed_caption"] == cap and r["posterior_weight"] >= ACCURACY_SUPPORT for r in mine)
+                      for cap in captions}
+            counts["off"] = sum(r["posterior_weight"] < ACCURACY_SUPPORT for r in mine)
+            row |= {"residual": _mean(r["residual"] for r in mine), "residual_max": max(r["residual"] for r in mine),
+                    "prompt_accuracy": None if setting == "w=0" else _mean(r["hit"] for r in mine),
+                    "landed": counts, "expected": expected,
+                    "posterior_weight": _mean(r["posterior_weight"] for r in mine),
+                    "rel_l2": _mean(r["rel_l2"] for r in mine), "nfe": nfe,
+                    "seconds": wall, "seeds": len(seeds)}
+            rows.append(row)
+            bar.update()
+    return rows, runs, info | {"noise_scale": sigma, "image_size": task.image_size}
+
+
+def _mean(values):
+    values = [float(v) for v in values]
+    return sum(values) / len(values)

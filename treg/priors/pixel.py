@@ -1,13 +1,13 @@
-"""Pixel-space priors behind the latent prior interface (treg.prior): the "latent" is the image itself.
+"""Pixel-space priors behind the latent prior interface (treg.priors): the "latent" is the image itself.
 
 Both priors here have latent_channels = 3, vae_scale_factor = 1 and identity encode/decode, so every solver runs on
-them unchanged (pixel TReg is TReg with the identity VAE) and the fast solvers (treg.fast) use the operator itself.
+them unchanged (pixel TReg is TReg with the identity VAE) and the fast solvers (treg.solvers.fast) use the operator itself.
 
     PixelDiffusion        a diffusers UNet2DModel with its scheduler (the DDPM pipeline folders on the hub, e.g.
                           google/ddpm-celebahq-256); unconditional, so `eps` ignores the text and `embed` returns
                           a placeholder; it has no CLIP image encoder, so adaptive negation is unavailable.
-    AnalyticPixelPrior    the analytic prior (treg.analytic) with the identity "VAE": a Gaussian mixture directly on
-                          pixels, with its exact ε, text weights and exact posterior (treg.posterior works as is).
+    AnalyticPixelPrior    the analytic prior (treg.priors.analytic) with the identity "VAE": a Gaussian mixture directly on
+                          pixels, with its exact ε, text weights and exact posterior (treg.priors.posterior works as is).
 """
 import json
 from pathlib import Path
@@ -15,7 +15,9 @@ from pathlib import Path
 import torch
 
 from treg import hub
-from treg.analytic import SAMPLES, AnalyticPrior
+from treg.config import SAMPLES
+from treg.priors.analytic import AnalyticPrior
+from treg.priors.base import PriorUnavailable
 
 
 class PixelDiffusion:
@@ -57,7 +59,6 @@ class PixelDiffusion:
         return self.unet(z.to(self.dtype), t).sample[:, :3].float()
 
     def image_features(self, x):
-        from treg.prior import PriorUnavailable
         raise PriorUnavailable("adaptive negation needs text, and a pixel diffusion model has none; drop --use_AN")
 
     def enable_gradient_checkpointing(self):
@@ -80,7 +81,7 @@ def load_pixel_prior(source, local_only, device, dtype):
 
 
 class AnalyticPixelPrior(AnalyticPrior):
-    """AnalyticPrior on pixels: identity "VAE", components in image space (module docstring of treg.analytic).
+    """AnalyticPrior on pixels: identity "VAE", components in image space (module docstring of treg.priors.analytic).
 
     With `shared_scale`, μ_(i,k) = A⁺(A x_i) + (I − A⁺A) x_k for A = ×s SR, now in closed form (A⁺ is exact)."""
 

@@ -15,9 +15,9 @@ import math
 import torch
 
 from treg.config import bounded, one_of
-from treg.diffusion import cfg as guided_eps, ddim_step, randn, schedule, timesteps, tweedie
-from treg.inversion import warm_start
+from treg.diffusion import ddim_step, guided_eps, randn, schedule, timesteps, tweedie
 from treg.linalg import prox
+from treg.solvers.inversion import warm_start
 
 
 def _start(prior, op, y, c, uc, generator):
@@ -86,7 +86,7 @@ class TRegConfig:
     null_iters: int = bounded(10, 0, 10000)   # Adam steps per adaptive-negation call
     use_DPS: bool = False                     # latent DPS step (w = 0) on the steps without data consistency
     dps_lamb: float | None = bounded(None, 0, 1e3)  # DPS step size; None = √ᾱ' at each step
-    init: str = one_of("noise", ("noise", "inversion"))  # EXPERIMENTAL "inversion": treg.inversion.warm_start
+    init: str = one_of("noise", ("noise", "inversion"))  # EXPERIMENTAL "inversion": treg.solvers.inversion.warm_start
     init_t: int = bounded(500, 1, 999)        # with init = inversion: start at the first step with t ≤ init_t ...
     init_invert_t: int = bounded(100, 1, 999)  # ... from A⁺y inverted to here, re-noised (= init_t: deterministic)
 
@@ -154,7 +154,7 @@ class DPSConfig:
     cfg_guidance: float = bounded(0.0, 0, 100)  # w; 0 = null prompt only (TReg's DPS branch), 1 = conditional only
     official_shift: bool = True                 # TReg's ᾱ_{t-1} indexing (see treg.diffusion.schedule)
     step_size: float = bounded(1.0, 0, 1e3)     # ζ in z ← z' − ζ·∇‖y − A D(ẑ0)‖ (unit step: PSLD's ω = 1, γ = 0)
-    init: str = one_of("noise", ("noise", "inversion"))  # EXPERIMENTAL "inversion": treg.inversion.warm_start
+    init: str = one_of("noise", ("noise", "inversion"))  # EXPERIMENTAL "inversion": treg.solvers.inversion.warm_start
     init_t: int = bounded(500, 1, 999)          # with init = inversion: start at the first step with t ≤ init_t ...
     init_invert_t: int = bounded(100, 1, 999)   # ... from A⁺y inverted to here, re-noised (= init_t: deterministic)
 
@@ -324,18 +324,3 @@ def reddiff(prior, op, y, cfg, *, c, uc, generator=None, callback=None):
         if callback:
             callback({"i": i, "steps": cfg.steps, "t": t, "z0": z.detach().clone()})
     return prior.decode(z.detach())
-
-
-from treg.fast import CCIConfig, DDRMConfig, PiGDMConfig, cci, ddrm, pigdm  # noqa: E402 (needs nothing above)
-
-SOLVERS = {
-    "ddim": (ddim, DDIMConfig),
-    "treg": (treg, TRegConfig),
-    "dps": (dps, DPSConfig),
-    "psld": (psld, PSLDConfig),
-    "p2l": (p2l, P2LConfig),
-    "reddiff": (reddiff, REDDiffConfig),
-    "cci": (cci, CCIConfig),
-    "pigdm": (pigdm, PiGDMConfig),
-    "ddrm": (ddrm, DDRMConfig),
-}

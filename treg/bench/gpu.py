@@ -1,7 +1,7 @@
 """GPU check at Stable Diffusion's real size, one command that finishes within 8 minutes on one data-centre GPU:
 
-    python -m treg.bench_gpu --out assets/gpu            # builds a random full-size SD-1.5 on the GPU first
-    python -m treg.bench_gpu --model DIR --out assets/gpu  # a folder of `python -m treg.tiny --full-size DIR`
+    python -m treg bench gpu --out assets/gpu            # builds a random full-size SD-1.5 on the GPU first
+    python -m treg bench gpu --model DIR --out assets/gpu  # a folder of `python -m treg tiny --full-size DIR`
 
 For each dtype (fp16, bf16) it runs every solver (treg.solvers.SOLVERS) on ×16 SR of the cat at 512² for --steps
 steps: a dtype or device error is reported as its one line, and each run records whether every step's estimate and
@@ -21,10 +21,10 @@ import warnings
 from pathlib import Path
 
 import torch
-import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+from treg.config import ROOT
 
 
 def machine(device):
@@ -91,12 +91,8 @@ class SyncCounter:
 
 def solver_config(solver, steps):
     """The solver's YAML config with `steps` (treg with adaptive negation; σ_y = solve.py's task noise 0.01)."""
-    from treg.fast import with_noise
-    from treg.solvers import SOLVERS
-    config = SOLVERS[solver][1]
-    raw = yaml.safe_load((ROOT / f"configs/solver/{solver}.yaml").read_text())
-    fields = {k: v for k, v in raw.items() if k in config.__dataclass_fields__}
-    return with_noise(config(**{**fields, "steps": steps, **({"use_AN": True} if solver == "treg" else {})}), 0.01)
+    from treg.solvers import configure
+    return configure(solver, steps, overrides={"use_AN": True} if solver == "treg" else None, noise_scale=0.01)[1]
 
 
 def run_solver(prior, op, y, solver, steps, c, uc, device):
@@ -150,7 +146,7 @@ def precision_checks(prior, op, y, gen, device):
 def time_unet(prior, z, c, uc, reps, device, compile_backend=None):
     """Seconds of one CFG noise prediction (batch 2: TReg's and DDIM's per-step UNet call), median of `reps` after
     one warm-up call; with compile_backend, the UNet under torch.compile and the first call's (compile) seconds."""
-    from treg.diffusion import cfg as guided_eps
+    from treg.diffusion import guided_eps
     unet = prior.unet
     out = {}
     if compile_backend:
@@ -178,9 +174,9 @@ def time_unet(prior, z, c, uc, reps, device, compile_backend=None):
 
 def check(args, model, device):
     """All parts of the check, within args.budget_s from now; returns the report's data."""
-    from treg.analytic import load_image
+    from treg.priors.analytic import load_image
     from treg.operators import build_operator, measure
-    from treg.prior import load_prior
+    from treg.priors.load import load_prior
     from treg.solvers import SOLVERS
     began = time.monotonic()
     solvers = [s for s in args.solvers.split(",") if s] if args.solvers else list(SOLVERS)
@@ -244,7 +240,7 @@ def markdown_report(data, args):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m treg.bench_gpu", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m treg bench gpu", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="full", help="'full' (a random full-size SD-1.5 built on the device into a "
                    "temporary folder), 'tiny', or a folder (default: %(default)s)")
@@ -261,7 +257,7 @@ def main(argv=None):
     p.add_argument("--budget_s", type=float, default=390, help="parts starting after this many seconds of checks "
                    "are skipped; with the build and the loads the whole run stays within 8 minutes "
                    "(default: %(default)s)")
-    p.add_argument("--out", type=Path, default=ROOT / "assets/gpu", help="output prefix (default: %(default)s)")
+    p.add_argument("--out", type=Path, default=Path("runs/gpu"), help="output prefix (default: %(default)s)")
     args = p.parse_args(argv)
     from treg.config import ConfigError
     from treg.hub import quiet_libraries, resolve_device
@@ -279,15 +275,15 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         if args.model == "full":
-            from treg.tiny import build_full_size_sd
+            from treg.priors.tiny import build_full_size_sd
             model = build_full_size_sd(Path(tmp) / "sd", device=device, log=lambda line: print(line, file=sys.stderr))
         elif args.model == "tiny":
-            from treg.tiny import build_tiny_sd
+            from treg.priors.tiny import build_tiny_sd
             model = build_tiny_sd(Path(tmp) / "tiny-sd")
         else:
             model = Path(args.model)
         built = round(time.perf_counter() - start, 1)
-        args.model_label = {"full": "random full-size SD-1.5 (treg.tiny --full-size)",
+        args.model_label = {"full": "random full-size SD-1.5 (treg.priors.tiny --full-size)",
                             "tiny": "tiny random SD"}.get(args.model, args.model)
         data = {"machine": machine(device), "model": args.model_label, "build_s": built, **check(args, model, device),
                 "settings": {k: v for k, v in vars(args).items() if k not in ("out", "model_label")}}

@@ -25,7 +25,8 @@ import dataclasses
 import torch
 
 from treg.config import ConfigError, bounded, one_of
-from treg.diffusion import cfg as guided_eps, ddim_step, randn, schedule, tweedie
+from treg.diffusion import ddim_step, guided_eps, randn, schedule, tweedie
+from treg.metrics import psnr
 
 
 @dataclasses.dataclass
@@ -245,3 +246,23 @@ def warm_start(prior, op, y, cfg, *, c, uc, generator=None):
     z = measurement_start(prior, op, y, inversion, cfg.init_invert_t, triples[first][1], c=c, uc=uc,
                           generator=generator)
     return z, first
+
+
+@torch.no_grad()
+def evaluate(prior, x, z0, z, infos, cfg, *, c, uc):
+    """Per-image round-trip measures (B,) of an inversion z of z0 = encode(x), and the regenerated latents."""
+    back = regenerate(prior, z, cfg, c=c, uc=uc)
+    recon, reference = prior.decode(back).float(), prior.decode(z0).float()
+    return back, {"latent_error": (back - z0).flatten(1).norm(dim=1) / z0.flatten(1).norm(dim=1),
+                  "round_trip_psnr": psnr(recon.clamp(-1, 1), reference.clamp(-1, 1)),
+                  "input_psnr": psnr(recon.clamp(-1, 1), x.float()),
+                  "implicit_residual": implicit_residual(prior, infos, cfg, c=c, uc=uc)}
+
+
+@torch.no_grad()
+def round_trip_psnr(prior, x, cfg, *, c, uc, generator=None):
+    """The diagnostic of `solve.py --round_trip`: invert images x with the prompt, regenerate, and return the PSNR
+    (B,) of the regenerated image against decode(encode(x))."""
+    z0 = prior.encode(x, generator)
+    back = regenerate(prior, invert(prior, z0, cfg, c=c, uc=uc, generator=generator), cfg, c=c, uc=uc)
+    return psnr(prior.decode(back).float().clamp(-1, 1), prior.decode(z0).float().clamp(-1, 1))

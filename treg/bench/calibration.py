@@ -2,16 +2,16 @@
 modes, in the right proportions, with the right spread), what does guidance do to that, what happens when the text
 contradicts the data, how does it all degrade as NFE falls, and do these numbers catch known-wrong solvers?
 
-The bed (treg/calibration.py): ×8 SR at 64², one measurement y of a cat whose three hidden "details" (striped,
+The bed (treg/bench/beds.py): ×8 SR at 64², one measurement y of a cat whose three hidden "details" (striped,
 spotted, plain) the measurement cannot see; base weights 0.6/0.3/0.1 on them and a fourth component (rocket) that y
 rules out; component width s = 0.1. Every solver of treg.solvers.SOLVERS runs with its configs/solver/<name>.yaml,
 only `steps` and `cfg_guidance` set by the experiment, the same for every solver; the null prompt is "" (the zero
 embedding, so π_uc is the base weights). Each cell solves the same y with --seeds solver seeds. Experiments:
     calibration   w = 0 at every --steps: landing frequencies vs the exact posterior weights, spread, residuals;
     guidance      prompt "plain" at w ∈ --guidance (--main_steps): landing vs the CFG-tilted target π_uc^(1−w)·π_c^w
-                  and vs the landing law of the exact CFG sampler (treg.calibration.cfg_ode, with y's likelihood);
+                  and vs the landing law of the exact CFG sampler (treg.bench.beds.cfg_ode, with y's likelihood);
     conflict      prompt "rocket" (ruled out by y) at w = --conflict_w (--main_steps): residual and landing;
-    sensitivity   each known-wrong variant of treg.calibration.VARIANTS against its solver, w = 0, at every
+    sensitivity   each known-wrong variant of treg.bench.beds.VARIANTS against its solver, w = 0, at every
                   --sensitivity_steps, same seeds: flagged by each statistic whose paired sign-flip permutation
                   p-value is ≤ 0.05/7 (Bonferroni); the control (TReg on disjoint seeds, a genuine null) must not
                   be, and the rule's false-flag rate under independent exact-draw cells is measured.
@@ -26,15 +26,15 @@ Statistics, each with a 95 % bootstrap interval over the seeds (1000 resamples):
 Row `exact` draws --seeds samples from the exact (or tilted) posterior itself: what a perfect sampler scores at this
 seed count (TV and W1 are not 0 at finite n). NFE counts noise predictions per image (CFG counts 2).
 
-    python -m treg.bench_calibration     # the full report: 32 min wall with 1 thread on the shared 2-core CPU
+    python -m treg bench calibration     # the full report: 32 min wall with 1 thread on the shared 2-core CPU
                                          # (load 5-6), 16 min of CPU time (504 s user + 459 s system); p2l takes
                                          # 42 % of the wall time, the statistics 5 % (--solvers to choose)
-    python -m treg.bench_calibration --solvers treg,dps --seeds 50 --steps 10,50 --out /tmp/cal
+    python -m treg bench calibration --solvers treg,dps --seeds 50 --steps 10,50 --out /tmp/cal
 
-Writes OUT.md, OUT.json and OUT.png (NFE curves) (default assets/calibration). Offline: the analytic prior only.
+Writes OUT.md, OUT.json and OUT.png (NFE curves) (default runs/calibration; `--out assets/calibration` refreshes the
+committed report). Offline: the analytic prior only.
 """
 import argparse
-import dataclasses
 import shlex
 import sys
 import time
@@ -46,19 +46,16 @@ import torch
 from scipy.stats import binomtest
 from tqdm import tqdm
 
-from treg import calibration as cal
-from treg.bench_accuracy import parse_set
-from treg.config import ConfigError, load_solver, load_task
+from treg.bench import beds as cal
+from treg.config import CONFIGS, ROOT, ConfigError, load_task, parse_set
 from treg.images import atomic_write
 from treg.profiling import PRIOR_PARTS, Profiler
-from treg.fast import with_noise
 from treg.runs import cli_args, write_report
-from treg.solvers import SOLVERS
+from treg.solvers import SOLVERS, configure
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
 
-ROOT = Path(__file__).resolve().parent.parent
 GUIDED = "plain"      # the guided prompt names the rarest detail, so that guidance visibly moves the weights
 REFERENCE_DRAWS = 4000
 CFG_DRAWS = 2000      # draws of the exact CFG sampler per (prompt, w): a landing frequency to ±0.022 (95 %)
@@ -71,16 +68,14 @@ CURVES = [("tv", "TV to the posterior weights"), ("spread_null", "spread ratio, 
 
 def solver_of(name):
     """The solver function that configs/solver/<name>.yaml names (cci → cci, cci-noiseless → cci)."""
-    return SOLVERS[load_solver(ROOT / f"configs/solver/{name}.yaml", SOLVERS)[0]][0]
+    return configure(name)[0]
 
 
 def solver_config(name, steps, w, sets=()):
-    """configs/solver/<name>.yaml with --set's (SOLVER.KEY, value) pairs for it, then `steps` and `cfg_guidance`."""
+    """configs/solver/<name>.yaml with --set's (SOLVER.KEY, value) pairs for it, then `steps` and `cfg_guidance`,
+    and the bed's σ_y where the solver models y's noise (CCI, ΠGDM, DDRM)."""
     overrides = {key.split(".", 1)[1]: value for key, value in sets if key.split(".", 1)[0] == name}
-    cfg = load_solver(ROOT / f"configs/solver/{name}.yaml", SOLVERS, overrides)[1]
-    fields = {f.name for f in dataclasses.fields(cfg)}
-    cfg = with_noise(cfg, load_task(ROOT / f"configs/task/{cal.TASK}.yaml").noise_scale)  # CCI, ΠGDM, DDRM
-    return dataclasses.replace(cfg, **{k: v for k, v in (("steps", steps), ("cfg_guidance", w)) if k in fields})
+    return configure(name, steps, w, overrides, load_task(CONFIGS / f"task/{cal.TASK}.yaml").noise_scale)[1]
 
 
 def solve_cell(bed, fn, cfg, prompt, seeds):
@@ -249,7 +244,7 @@ def markdown(bed, report, args, seconds):
     target0 = bed.tilted_log_weights("", 0.0).exp().tolist()
     lines = [
         "# Calibration against the exact posterior", "",
-        f"`python -m treg.bench_calibration {shlex.join(args.argv)}`".replace(" `", "`") + f": {n} seeds per cell, "
+        f"`python -m treg bench calibration {shlex.join(args.argv)}`".replace(" `", "`") + f": {n} seeds per cell, "
         f"{seconds / 60:.1f} min on {args.threads} CPU thread(s). Every value is the statistic on all {n} seeds with "
         f"its 95 % bootstrap interval ({cal.BOOTSTRAP} resamples). See `--help` for the definitions.", "",
         f"Bed: ×8 bicubic SR at 64² (σ = {bed.sigma:g}), one measurement y of the cat with its striped detail; "
@@ -406,7 +401,8 @@ def float_list(text):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m treg bench calibration", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--solvers", default=None, help="comma-separated solvers or configs/solver YAML names, e.g. "
                    "cci-noiseless (default: every entry of SOLVERS)")
     p.add_argument("--seeds", type=int, default=200, help="solver seeds per cell (default: %(default)s)")
@@ -417,7 +413,7 @@ def parse_args(argv=None):
     p.add_argument("--guidance", type=float_list, default=[0.0, 1.0, 2.0, 5.0], help="w values (default: 0,1,2,5)")
     p.add_argument("--conflict_w", type=float, default=5.0, help="w of the conflict prompt (default: 5)")
     p.add_argument("--variants", default=",".join([*cal.VARIANTS, cal.CONTROL[0]]),
-                   help="comma-separated known-wrong variants of treg.calibration.VARIANTS and the control, '' for "
+                   help="comma-separated known-wrong variants of treg.bench.beds.VARIANTS and the control, '' for "
                    "none (default: %(default)s)")
     p.add_argument("--null_repeats", type=int, default=200, help="repeats of the false-flag measurement at --seeds "
                    f"and at {TEST_SEEDS} seeds, run when --variants is not empty (default: %(default)s)")
@@ -427,7 +423,7 @@ def parse_args(argv=None):
                    help="override a solver YAML field for the calibration, guidance and conflict cells, e.g. "
                         "cci.k_start=999 (repeatable)")
     p.add_argument("--threads", type=int, default=1, help="torch threads; the tensors are tiny (default: 1)")
-    p.add_argument("--out", type=Path, default=Path("assets/calibration"), help="writes OUT.md, OUT.json, OUT.png")
+    p.add_argument("--out", type=Path, default=Path("runs/calibration"), help="writes OUT.md, OUT.json, OUT.png")
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     args.solvers = list(SOLVERS) if args.solvers is None else [s.strip() for s in args.solvers.split(",") if s.strip()]

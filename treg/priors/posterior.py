@@ -8,15 +8,17 @@ whose components share one covariance:
 Nothing is formed as a matrix (at 512² Σ would have 16384² entries): M and Mᵀ = decodeᵀ∘Aᵀ are applied as functions
 and every inverse is a conjugate-gradient solve in float64. Operators that are nn.Modules are copied to float64.
 """
-import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import math
+
 import torch
 
-from treg.analytic import AnalyticPrior, load_image
+from treg.latent_ops import linear_map
 from treg.linalg import conjugate_gradient
+from treg.priors.analytic import AnalyticPrior, load_image
 
 CG_RTOL = 1e-12
 
@@ -25,13 +27,6 @@ def cg(apply, b, iters):
     """Solve apply(x) = b from x = 0, one system per row of b, to a residual of CG_RTOL·max‖b_row‖."""
     tol = CG_RTOL * b.flatten(1).norm(dim=1).max().item()
     return conjugate_gradient(apply, b, torch.zeros_like(b), iters, tol)
-
-
-def linear_map(prior, op):
-    """(M, Mᵀ) in float64 for M = A∘decode. Mᵀ uses decode's true adjoint, which is not encode when there is a gain."""
-    if isinstance(op, torch.nn.Module):
-        op = copy.deepcopy(op).double()
-    return (lambda z: op.A(prior.decode(z))), (lambda r: prior.decode_adjoint(op.At(r)))
 
 
 @dataclass
@@ -133,3 +128,30 @@ def landed_component(prior, x, posterior):
     z = x if x.shape[1] == prior.latent_channels else prior.encode(x)
     k = torch.cdist(z.flatten(1).double(), posterior.means.flatten(1).to(z.device)).argmin(1)
     return k, posterior.log_weights.exp().to(z.device)[k]
+
+
+def latent_gram(prior, op, shape):
+    """(MᵀM as a dense (n, n) float64 matrix, M, Mᵀ) for M = A∘decode on latents of `shape` (n = 4hw ≤ 1024)."""
+    forward, adjoint = linear_map(prior, op)
+    n = math.prod(shape)
+    gram = adjoint(forward(torch.eye(n, dtype=torch.float64).view(n, *shape))).flatten(1)
+    return (gram + gram.T) / 2, forward, adjoint
+
+
+def dense_posterior(prior, op, gram, y, prompt, sigma):
+    """treg.priors.posterior.exact_posterior computed with the dense MᵀM instead of CG (its formulas; equal to it, see
+    tests): Σ = (I/s² + MᵀM/σ²)⁻¹, m_k = Σ(μ_k/s² + Mᵀy/σ²), and by Woodbury
+    (σ²I + s²MMᵀ)⁻¹ = (I − M(σ²/s²·I + MᵀM)⁻¹Mᵀ)/σ² for the weights. CG on blur needs hundreds of iterations."""
+    forward, adjoint = linear_map(prior, op)
+    y = y.double()
+    mu = prior.means(*adjoint(y).shape[-2:]).double()
+    s2, n2 = prior.std ** 2, sigma ** 2
+    eye = torch.eye(len(gram), dtype=gram.dtype)
+    sigma_post = torch.linalg.inv(eye / s2 + gram / n2)
+    means = (mu.flatten(1) / s2 + adjoint(y).flatten(1) / n2) @ sigma_post  # Σ is symmetric
+    residual = y - forward(mu)
+    u = adjoint(residual).flatten(1)
+    quad = (residual.flatten(1).pow(2).sum(1) - (u * torch.linalg.solve(n2 / s2 * eye + gram, u.T).T).sum(1)) / n2
+    e = prior.embed([prompt]) if isinstance(prompt, str) else prompt
+    log_weights = torch.log_softmax(prior.log_weights(e).double()[0] - quad / 2, dim=0)
+    return ExactPosterior(means.view_as(mu), log_weights, y, forward, adjoint, prior.std, sigma, 0)

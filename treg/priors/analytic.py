@@ -58,13 +58,13 @@ import torch.nn.functional as F
 import yaml
 from PIL import Image
 
+from treg.config import SAMPLES
 from treg.linalg import conjugate_gradient
 
 PATCH = 8
 GAIN = 8.0
 TOKENS, WIDTH = 77, 768
 STOP_WORDS = frozenset("a an the of on in at to by for with and or from is are".split())
-SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 
 
 def sd15_alphas_cumprod(num_train=1000):

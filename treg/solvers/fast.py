@@ -24,10 +24,10 @@ import torch
 from scipy.integrate import quad
 
 from treg.config import ConfigError, bounded, one_of
-from treg.diffusion import cfg as guided_eps, randn, tweedie
-from treg.inversion import InversionConfig, measurement_start
+from treg.diffusion import guided_eps, randn, tweedie
 from treg.latent_ops import LatentSurrogate, latent_operator, projector
 from treg.linalg import conjugate_gradient, prox
+from treg.solvers.inversion import InversionConfig, measurement_start
 
 
 def _latent_like(prior, op, y):
@@ -67,12 +67,6 @@ def cci_coefficients(b, w):
     j2 = quad(lambda u: 0.5 * w * math.sqrt(-math.expm1(-u)) * math.expm1(-w * u / 2), 0.0, b,
               epsabs=1e-14, epsrel=1e-12)[0] if b > 0 else 0.0
     return {"y": mu ** w - 1, "s1": rho, "s2": rho * (mu ** w - 1), "j1": w * (math.asinh(rho) - sigma), "j2": j2}
-
-
-def with_noise(cfg, noise_scale):
-    """cfg with sigma_y = the task's noise std where the solver models y's noise and its YAML leaves it unset
-    (ΠGDM, DDRM); any other config as it is."""
-    return dataclasses.replace(cfg, sigma_y=noise_scale) if getattr(cfg, "sigma_y", 0) is None else cfg
 
 
 @dataclasses.dataclass

@@ -5,7 +5,7 @@ Bed: the analytic prior of `--model analytic` (AnalyticPrior.from_folder(): 4 lo
 that ×16 SR cannot see, s = 0.03) at --image_size (64: latent 4×8×8), σ_y = the task's noise_scale, the null
 prompt "out of focus, depth of field". Seed j measures x = decode(μ_(i,i)), i = j mod 4 (sample image i with its
 own detail, so that y is realisable by the prior; a real photo is not, outside SR), with y = A x + σn; its exact
-posterior (treg.posterior's formulas with a dense MᵀM) is a mixture Σ_k w_k N(m_k, Σ). The row "exact" scores
+posterior (treg.priors.posterior's formulas with a dense MᵀM) is a mixture Σ_k w_k N(m_k, Σ). The row "exact" scores
 exact posterior samples (k ~ w, z ~ N(m_k, Σ)) the same way: the numbers a calibrated sampler would get.
 Text settings: "true" (the image's caption), "other" (the next image's caption), "w=0" (null prompt only).
 Every solver uses its configs/solver YAML with `steps` set, cfg_guidance = --cfg_guidance (0 for w=0), σ_y = the
@@ -18,13 +18,13 @@ interval half-width; Wilson interval for fractions):
                  spread), ≪ 1 collapsed onto the mean, ≫ 1 off the posterior
     NFE          noise-prediction evaluations per image (CFG counts 2); backward passes are extra for cci, pigdm, dps
 
-    python -m treg.bench_fast                               # 2 tasks × 3 settings × 8 seeds × 16 methods, 28 s
-    python -m treg.bench_fast --seeds 2 --tasks super-resolution --methods cci-5,treg-200 --out /tmp/fast
+    python -m treg bench fast                               # 2 tasks × 3 settings × 8 seeds × 16 methods, 28 s
+    python -m treg bench fast --seeds 2 --tasks super-resolution --methods cci-5,treg-200 --out /tmp/fast
 
-Writes OUT.md, OUT.json and OUT.png (default assets/fast) and prints the table. Offline: analytic prior only.
+Writes OUT.md, OUT.json and OUT.png (default runs/fast; `--out assets/fast` refreshes the committed report) and
+prints the table. Offline: analytic prior only.
 """
 import argparse
-import dataclasses
 import math
 import sys
 import time
@@ -33,18 +33,16 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from treg.analytic import SAMPLES, AnalyticPrior
-from treg.bench_accuracy import dense_posterior, latent_gram
-from treg.config import ConfigError, load_solver, load_task
-from treg.fast import with_noise
+from treg.config import ROOT, SAMPLES, ConfigError, load_task
 from treg.images import atomic_write
 from treg.operators import build_operator, measure
-from treg.posterior import landed_component
+from treg.priors.analytic import AnalyticPrior
+from treg.priors.posterior import dense_posterior, landed_component, latent_gram
 from treg.profiling import PRIOR_PARTS, Profiler
 from treg.runs import cli_args, markdown_table, mean_interval, write_report
-from treg.solvers import SOLVERS, residual_norm
+from treg.solvers import configure
+from treg.solvers.latent import residual_norm
 
-ROOT = Path(__file__).resolve().parent.parent
 NULL_PROMPT = "out of focus, depth of field"
 SETTINGS = ("true", "other", "w=0")
 METHODS = [(name, steps) for name in ("cci", "pigdm", "ddrm", "treg", "dps") for steps in (5, 10, 20)] + [
@@ -63,9 +61,7 @@ def wilson(hits, n, z=1.96):
 def solver_config(name, steps, setting, sigma, w):
     """(solver function, config) of configs/solver/<name>.yaml (which names its solver: cci-noiseless → cci) with
     `steps`, the setting's cfg_guidance and, where the solver models y's noise and the YAML leaves it unset, σ_y."""
-    solver, cfg = load_solver(ROOT / f"configs/solver/{name}.yaml", SOLVERS, README_FLAGS.get(name, {}))
-    cfg = dataclasses.replace(cfg, steps=steps, cfg_guidance=0.0 if setting == "w=0" else w)
-    return SOLVERS[solver][0], with_noise(cfg, sigma)
+    return configure(name, steps, 0.0 if setting == "w=0" else w, README_FLAGS.get(name, {}), sigma)
 
 
 def run_task(task_name, args, bar):
@@ -179,7 +175,8 @@ def figure(rows, path):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m treg bench fast", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tasks", default="super-resolution,inpainting", help="configs/task names (default: %(default)s)")
     p.add_argument("--seeds", type=int, default=8, help="seeds per (task, setting) (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="first seed (default: %(default)s)")
@@ -189,7 +186,7 @@ def parse_args(argv=None):
     p.add_argument("--methods", default=",".join(f"{n}-{s}" for n, s in METHODS),
                    help="comma-separated SOLVER-STEPS; SOLVER is a configs/solver YAML name, e.g. cci-noiseless "
                         "(default: %(default)s)")
-    p.add_argument("--out", type=Path, default=Path("assets/fast"), help="writes OUT.md, OUT.json, OUT.png "
+    p.add_argument("--out", type=Path, default=Path("runs/fast"), help="writes OUT.md, OUT.json, OUT.png "
                    "(default: %(default)s)")
     args = p.parse_args(argv)
     args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -221,7 +218,7 @@ def main(argv=None):
         sys.exit(f"error: {err}")
     sigma = tasks[args.tasks[0]]["noise_scale"]
     text = (f"Accuracy per NFE on the exact bed (analytic prior, {args.image_size}², {args.seeds} seeds per row, "
-            f"cfg_guidance {args.cfg_guidance:g}, σ_y {sigma:g}; `python -m treg.bench_fast --help` defines the "
+            f"cfg_guidance {args.cfg_guidance:g}, σ_y {sigma:g}; `python -m treg bench fast --help` defines the "
             f"columns; {time.perf_counter() - begin:.0f} s).\n\n" + table(rows))
     write_report(args.out, text + "\n", {"settings": cli_args(args), "tasks": tasks, "rows": rows,
                                          "seconds": time.perf_counter() - begin})

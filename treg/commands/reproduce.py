@@ -1,11 +1,11 @@
 """Reproduce the TReg paper's tables on Food-101: one command, every run through solve.py, tables with the paper's
 known numbers beside ours.
 
-    python -m treg.reproduce --food101 DIR --out runs/paper                      # the whole protocol
-    python -m treg.reproduce --food101 DIR --out runs/paper --limit 8 --dry_run  # the cost of a quick look
-    accelerate launch --num_processes 4 -m treg.reproduce --food101 DIR --out runs/paper --skip_existing
+    python -m treg reproduce --food101 DIR --out runs/paper                      # the whole protocol
+    python -m treg reproduce --food101 DIR --out runs/paper --limit 8 --dry_run  # the cost of a quick look
+    accelerate launch --num_processes 4 -m treg reproduce --food101 DIR --out runs/paper --skip_existing
 
-The protocol, as far as it is known (issue #12; the paper's own tables were not available to us):
+The protocol, as far as it is known (from a second-hand summary; the paper's own tables were not available to us):
 - data: Food-101's test split, classes ice_cream and fried_rice, 250 images each (all of a class's test images),
   shorter side resized to 512 and centre-cropped; σ_y = 0.01 in [-1,1] units; 200 DDIM steps on SD-1.5;
 - Tables 1 and 2 (true-class text "a photography of a(n) <class>"): ×16 bicubic SR and Gaussian deblur (61 taps,
@@ -31,14 +31,13 @@ from accelerate import PartialState
 
 import solve
 from treg import fid, hub, runs
-from treg.config import ConfigError
+from treg.config import ROOT, ConfigError
 from treg.datasets import food101
 from treg.images import ImageError
 from treg.metrics import STYLES, MetricUnavailable, build_metrics
-from treg.prior import DEFAULT_MODEL
+from treg.priors.load import DEFAULT_MODEL
 from treg.solvers import SOLVERS
 
-ROOT = Path(__file__).resolve().parent.parent
 CLASSES = {"ice_cream": "ice cream", "fried_rice": "fried rice"}
 TASKS = {"sr16": "super-resolution", "gauss-deblur": "gauss-deblur"}  # key: configs/task/<name>.yaml
 TASK_TITLES = {"sr16": "×16 SR", "gauss-deblur": "Gaussian deblur"}
@@ -62,10 +61,10 @@ METHODS |= {name: (name, {"cfg_guidance": 0.0}, False, 1000) for name in PIXEL_M
 MISMATCHED = {"fried_rice": ("gauss-deblur", "spaghetti"), "ice_cream": ("sr16", "macarons")}
 # An assumption, not a measurement: SD-1.5 at 512² in fp16 on an A100-class GPU runs ~22 CFG steps/s.
 GPU_SECONDS_PER_UNIT = 0.045
-# The paper's numbers as far as known: second-hand, from issue #12 (quoting a summary of arXiv 2311.15658).
-SOURCES = {"a": "issue #12, second-hand summary of the paper (arXiv 2311.15658), class not stated: shown under "
+# The paper's numbers as far as known: second-hand, from a summary of arXiv 2311.15658.
+SOURCES = {"a": "second-hand summary of the paper (arXiv 2311.15658), class not stated: shown under "
                 "both classes; not checked against the PDF",
-           "b": "issue #12, second-hand summary of the paper (arXiv 2311.15658): SR ×16, ice cream; not checked "
+           "b": "second-hand summary of the paper (arXiv 2311.15658): SR ×16, ice cream; not checked "
                 "against the PDF"}
 PAPER = {("sr16", "ice_cream", "treg", "psnr"): (21.09, "a"), ("sr16", "fried_rice", "treg", "psnr"): (21.09, "a"),
          ("sr16", "ice_cream", "psld_cfg", "psnr"): (16.47, "a"),
@@ -74,7 +73,8 @@ PAPER = {("sr16", "ice_cream", "treg", "psnr"): (21.09, "a"), ("sr16", "fried_ri
 
 
 def parse_args(argv=None):
-    p = solve.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # one-line errors
+    p = solve.Parser(prog="python -m treg reproduce", description=__doc__,  # one-line errors
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--food101", type=Path, required=True, help="Food-101 folder (images/ and meta/, or the folder holding food-101/)")
     a("--out", type=Path, default=Path("runs/paper"), help="output folder (default: %(default)s)")

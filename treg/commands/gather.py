@@ -7,7 +7,7 @@ A sweep is a shell loop over solve.py, one workdir per setting; then gather them
         --null_prompt "out of focus, depth of field" --prompt "a photo of a cat" --cfg_guidance $w --null_lr $lr --use_AN \
         --workdir runs/sweep/w${w}_lr${lr}
     done; done
-    python -m treg.gather runs/sweep
+    python -m treg gather runs/sweep
 
 Writes into --out (default ROOT): summary.md and summary.csv (one row per run and method: the run folder, the method,
 the settings that differ across runs, then the metric means, and FID/KID of the run's reconstructions against its
@@ -40,7 +40,8 @@ THUMB, PAD = 128, 4
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m treg gather", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("root", type=Path, help="folder searched recursively for run.json files")
     p.add_argument("--out", type=Path, help="output folder (default: ROOT)")
     p.add_argument("--metric", help="metric for plot.png (default: psnr if present, else residual)")

@@ -11,7 +11,7 @@ official README flags; 10 s to 1 min per run on a 2-core CPU), by:
             --null_prompt "out of focus, depth of field" --prompt "$prompt" --cfg_guidance "$w" --null_lr 1e-3 \
             --use_AN --workdir "workdir/demo/$name"
     done
-    python -m treg.figure workdir/demo/w0 workdir/demo/cat workdir/demo/coffee --out assets/demo.png
+    python -m treg figure workdir/demo/w0 workdir/demo/cat workdir/demo/coffee --out assets/demo.png
 """
 import argparse
 import json
@@ -105,9 +105,10 @@ def figure(runs, size=256, font_size=18):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m treg figure", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR", help="solve.py workdirs, one column each")
-    p.add_argument("--out", type=Path, default=Path("assets/demo.png"), help="output PNG (default: %(default)s)")
+    p.add_argument("--out", type=Path, default=Path("runs/demo.png"), help="output PNG (default: %(default)s)")
     p.add_argument("--size", type=int, default=256, help="tile side in pixels (default: %(default)s)")
     p.add_argument("--font_size", type=int, default=18, help="label font size (default: %(default)s)")
     args = p.parse_args(argv)

@@ -1,8 +1,8 @@
 """Invert images into the noise latent that regenerates them under a prompt (DDIM inversion, FPI or RNRI).
 
-    python -m treg.invert --model analytic --img_path samples/cat_1.jpg --prompt "a photo of a cat" --method rnri
-    python -m treg.invert --img_path samples/ --prompt "a photo" --compare rnri,fpi,ddim --steps 50
-    python -m treg.invert --model DIR --img_path samples/cat_1.jpg --start_step 25     # partial: stop at t = 481
+    python -m treg invert --model analytic --img_path samples/cat_1.jpg --prompt "a photo of a cat" --method rnri
+    python -m treg invert --img_path samples/ --prompt "a photo" --compare rnri,fpi,ddim --steps 50
+    python -m treg invert --model DIR --img_path samples/cat_1.jpg --start_step 25     # partial: stop at t = 481
 
 Per image and method, in WORKDIR: latents/<method>/NNNNN-<image>.safetensors (key "latent": the inverted latent
 at the input of sampler step --start_step, with its timestep in the metadata), regenerated/<method>/NNNNN-<image>.png
@@ -27,36 +27,17 @@ from tqdm import tqdm
 from treg import hub, runs
 from treg.config import ConfigError, build
 from treg.images import ImageError, atomic_write, grid, list_images, load_image, save_image
-from treg.inversion import METHODS, OFFICIAL_ITERS, InversionConfig, implicit_residual, invert, regenerate
-from treg.metrics import psnr
-from treg.prior import DEFAULT_MODEL, PriorUnavailable, load_prior
+from treg.priors.base import PriorUnavailable
+from treg.priors.load import DEFAULT_MODEL, load_prior
 from treg.profiling import PRIOR_PARTS, Profiler
+from treg.solvers.inversion import METHODS, OFFICIAL_ITERS, InversionConfig, evaluate, invert
 
 COLUMNS = ("latent_error", "round_trip_psnr", "input_psnr", "implicit_residual", "nfe", "wall_seconds")
 
 
-@torch.no_grad()
-def evaluate(prior, x, z0, z, infos, cfg, *, c, uc):
-    """Per-image round-trip measures (B,) of an inversion z of z0 = encode(x), and the regenerated latents."""
-    back = regenerate(prior, z, cfg, c=c, uc=uc)
-    recon, reference = prior.decode(back).float(), prior.decode(z0).float()
-    return back, {"latent_error": (back - z0).flatten(1).norm(dim=1) / z0.flatten(1).norm(dim=1),
-                  "round_trip_psnr": psnr(recon.clamp(-1, 1), reference.clamp(-1, 1)),
-                  "input_psnr": psnr(recon.clamp(-1, 1), x.float()),
-                  "implicit_residual": implicit_residual(prior, infos, cfg, c=c, uc=uc)}
-
-
-@torch.no_grad()
-def round_trip_psnr(prior, x, cfg, *, c, uc, generator=None):
-    """The diagnostic of `solve.py --round_trip`: invert images x with the prompt, regenerate, and return the PSNR
-    (B,) of the regenerated image against decode(encode(x))."""
-    z0 = prior.encode(x, generator)
-    back = regenerate(prior, invert(prior, z0, cfg, c=c, uc=uc, generator=generator), cfg, c=c, uc=uc)
-    return psnr(prior.decode(back).float().clamp(-1, 1), prior.decode(z0).float().clamp(-1, 1))
-
-
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m treg invert", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     defaults = InversionConfig()
     a("--img_path", type=Path, required=True, help="an image file, or a folder inverted in sorted order")

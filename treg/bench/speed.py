@@ -2,10 +2,11 @@
 operator, everything else), NFE and peak memory for every solver, plus the blur, gradient-checkpointing and batch
 comparisons. Each configuration runs `solve.py` in its own process so that peak memory is its own.
 
-    python -m treg.bench_speed                      # tiny random SD built offline, 512², 50 steps
-    python -m treg.bench_speed --model PATH_OR_ID --steps 200 --device cuda
+    python -m treg bench speed                      # tiny random SD built offline, 512², 50 steps
+    python -m treg bench speed --model PATH_OR_ID --steps 200 --device cuda
 
-Writes OUT.md and OUT.json (default assets/speed) and prints the tables.
+Writes OUT.md and OUT.json (default runs/speed; `--out assets/speed` refreshes the committed report) and prints the
+tables.
 """
 import argparse
 import json
@@ -20,11 +21,10 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from treg.config import ConfigError
+from treg.config import ROOT, ConfigError
 from treg.operators import build_operator
 from treg.runs import markdown, markdown_table, write_report
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def solve(args, folder, solver, extra=(), batch=1, steps=None):
@@ -89,7 +89,7 @@ def model_free_parts(size, repeats=3):
     """Seconds of TReg's CG prox (5 iterations, ×16 SR) and of adaptive negation's 10 Adam steps on a (1, 77, 768)
     null embedding: the parts of a TReg step that call no model (the CLIP features are timed with the models)."""
     from treg.linalg import prox
-    from treg.solvers import adaptive_negation
+    from treg.solvers.latent import adaptive_negation
 
     class Features:  # the CLIP image features are timed with the models; here only the Adam loop counts
         @staticmethod
@@ -139,7 +139,7 @@ def resource_peak_mb():
 def model_parts(prior, size, gen):
     """{part: fn} of one call of each model at `size`² on one image: forward without gradient, and forward plus
     the backward of a scalar through it (the VJP a gradient solver takes)."""
-    from treg.diffusion import cfg as guided_eps, tweedie
+    from treg.diffusion import guided_eps, tweedie
     f = prior.vae_scale_factor
     z = torch.randn(1, prior.latent_channels, size // f, size // f, generator=gen).to(prior.device)
     x = (torch.rand(1, 3, size, size, generator=gen) * 2 - 1).to(prior.device)
@@ -196,12 +196,12 @@ def compose(parts, counted, schedule_steps):
 def profile_tiny(solver, steps, size, folder, repeats=1):
     """A Profiler report of `solver` (its YAML config, `steps` steps, treg with adaptive negation) on the tiny model
     at `size`², ×16 SR of the cat, plus its seconds outside the models per step."""
-    from treg.analytic import load_image
+    from treg.priors.analytic import load_image
     from treg.operators import measure
-    from treg.prior import load_prior
+    from treg.priors.load import load_prior
     from treg.profiling import OPERATOR_PARTS, PRIOR_PARTS, Profiler
-    from treg.solvers import SOLVERS
-    from treg.tiny import build_tiny_sd
+    from treg.solvers import configure
+    from treg.priors.tiny import build_tiny_sd
     tiny = folder / "tiny-sd"
     if not tiny.exists():
         build_tiny_sd(tiny)
@@ -209,11 +209,8 @@ def profile_tiny(solver, steps, size, folder, repeats=1):
     op = build_operator("super_resolution", size, scale=16)
     gen = torch.Generator().manual_seed(0)
     y = measure(op, load_image(ROOT / "samples/cat_1.jpg", size), 0.01, gen)
-    fn, config = SOLVERS[solver]
-    raw = yaml.safe_load((ROOT / f"configs/solver/{solver}.yaml").read_text())
-    fields = {k: v for k, v in raw.items() if k in config.__dataclass_fields__}
-    cfg = config(**{**fields, "steps": steps, **({"use_AN": True} if solver == "treg" else {}),
-                    **({"sigma_y": 0.01} if "sigma_y" in config.__dataclass_fields__ else {})})  # solve.py's
+    fn, cfg = configure(solver, steps, overrides={"use_AN": True} if solver == "treg" else None,
+                        noise_scale=0.01)  # solve.py's task noise
     profiler = Profiler("cpu")
     prior_p, op_p = profiler.wrap(prior, PRIOR_PARTS), profiler.wrap(op, OPERATOR_PARTS)
     with torch.no_grad():
@@ -245,7 +242,7 @@ def count_calls(solver, schedule_steps, size, folder):
 def components(args):
     """The real-size report from the parts: each model call measured once at --image_size on the model of --model
     (seconds and peak RSS), and each solver's time per image composed from them (see compose)."""
-    from treg.prior import load_prior
+    from treg.priors.load import load_prior
     device = torch.device(args.device or "cpu")
     prior = load_prior(args.model, device, torch.float32, image_encoder="auto")
     gen = torch.Generator().manual_seed(0)
@@ -343,7 +340,8 @@ def composed(args, folder):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m treg bench speed", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny", help="'tiny' (built offline), 'analytic', a hub id or a folder")
     p.add_argument("--steps", type=int, default=50, help="sampling steps per solve (default: %(default)s)")
     p.add_argument("--image_size", type=int, default=512, help="(default: %(default)s)")
@@ -352,7 +350,7 @@ def main(argv=None):
     p.add_argument("--fast", default="cci,pigdm,ddrm,treg", help="solvers also timed at their YAML step counts "
                    "(the few-step solvers against TReg's 200; a solver the model cannot run is listed as an error) "
                    "(default: %(default)s)")
-    p.add_argument("--out", type=Path, default=ROOT / "assets/speed", help="output prefix (default: %(default)s)")
+    p.add_argument("--out", type=Path, default=Path("runs/speed"), help="output prefix (default: %(default)s)")
     p.add_argument("--components", action="store_true", help="the real-size report from the parts: each model "
                    "call once at --image_size (seconds, peak RSS), each solver's time composed from them")
     p.add_argument("--parts", default="", help="with --components: parts to measure (default: all)")
@@ -374,14 +372,14 @@ def main(argv=None):
         return
     if args.components:
         if args.model == "tiny":
-            raise SystemExit("error: --components needs --model: a full-size folder (python -m treg.tiny "
+            raise SystemExit("error: --components needs --model: a full-size folder (python -m treg tiny "
                              "--full-size DIR) or an SD model")
         components(args)
         return
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         if args.model == "tiny":
-            from treg.tiny import build_tiny_sd
+            from treg.priors.tiny import build_tiny_sd
             args.model = str(build_tiny_sd(folder / "tiny-sd"))
         solvers = [s for s in args.solvers.split(",") if s]
         per_solver = {}

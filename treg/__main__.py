@@ -1,0 +1,36 @@
+"""python -m treg NAME [ARGS]: the programs beside solve.py, as subcommands of one entry point (the convention of
+`python -m pip`). Each module is imported only when its command runs, so --help and a typo cost no torch import."""
+import importlib
+import sys
+
+COMMANDS = {
+    "invert": "invert images into the noise latent that regenerates them (DDIM inversion, FPI, RNRI)",
+    "gather": "collect a sweep of solve.py workdirs into one table (and plot, FID/KID)",
+    "reproduce": "the paper's Food-101 protocol: every method × task, then FID/KID/CLIP tables",
+    "figure": "draw the demo figure (input | reconstructions | ...) from solve.py workdirs",
+    "tiny": "write a tiny (or full-size) random Stable-Diffusion-shaped model folder, offline",
+    "food101": "write a fabricated Food-101-layout folder for the offline protocol run",
+    "bench": "run a benchmark: accuracy, calibration, fast, inversion, speed, gpu",
+}
+
+
+def usage():
+    width = max(map(len, COMMANDS))
+    return ("usage: python -m treg COMMAND [ARGS]   (python -m treg COMMAND --help for one)\n"
+            "       python solve.py [ARGS]          (solve an inverse problem; python solve.py --help)\n\n"
+            "commands:\n" + "\n".join(f"  {name:<{width}}  {what}" for name, what in COMMANDS.items()))
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        sys.exit(f"error: no command {name!r}; choose from {', '.join(COMMANDS)} (python -m treg --help)")
+    importlib.import_module(f"treg.commands.{name}").main(rest)
+
+
+if __name__ == "__main__":
+    main()

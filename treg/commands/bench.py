@@ -1,0 +1,34 @@
+"""python -m treg bench NAME [ARGS]: run one benchmark of treg/bench/ (each writes OUT.md and OUT.json under runs/
+by default; `--out assets/NAME` refreshes a committed report). `python -m treg bench NAME --help` describes one."""
+import importlib
+import sys
+
+BENCHMARKS = {
+    "accuracy": "does each solver fit y, and does the prompt choose the solution? (exact posterior, analytic prior)",
+    "calibration": "are a solver's outputs across seeds distributed like the exact posterior? (analytic prior)",
+    "fast": "the few-step solvers (CCI, ΠGDM, DDRM) against TReg and DDIM at matched NFE (analytic prior)",
+    "inversion": "DDIM/FPI/RNRI round trips, and warm starts from an inversion on the accuracy bed",
+    "speed": "seconds, NFE and memory per solver: measured parts composed to full size (tiny model or real one)",
+    "gpu": "every solver on an accelerator at full size, fp32/fp16/bf16 (random full-size SD-1.5 by default)",
+}
+
+
+def usage():
+    width = max(map(len, BENCHMARKS))
+    return __doc__ + "\nbenchmarks:\n" + "\n".join(
+        f"  {name:<{width}}  {what}" for name, what in BENCHMARKS.items())
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return
+    name, rest = argv[0], argv[1:]
+    if name not in BENCHMARKS:
+        sys.exit(f"error: no benchmark {name!r}; choose from {', '.join(BENCHMARKS)}")
+    importlib.import_module(f"treg.bench.{name}").main(rest)
+
+
+if __name__ == "__main__":
+    main()
