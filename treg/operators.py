@@ -408,7 +408,7 @@ def _call(fn, label, *args, **params):
     hints = typing.get_type_hints(fn.__init__ if inspect.isclass(fn) else fn)
     for name, value in params.items():
         if name in hints and not _accepts(value, hints[name]):
-            kind = getattr(hints[name], "__name__", None) or str(hints[name]).replace("NoneType", "None")
+            kind = getattr(hints[name], "__name__", None) or str(hints[name])  # "int | float | None"
             raise ValueError(f"{label}: '{name}' must be {'a finite ' if 'float' in kind else ''}{kind}, got {value!r}")
     return fn(*args, **params)
 
