@@ -19,11 +19,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-import numpy as np
-import torch
 from PIL import Image, ImageFont
-
-from treg.images import atomic_write, grid
 
 
 class RunError(ValueError):
@@ -79,6 +75,10 @@ def wrap(text, font, width):
 
 def figure(runs, size=256, font_size=18):
     """The PIL figure for a list of run folders; tiles resized to size × size."""
+    import numpy as np  # torch (through treg.images too) loads only to draw, so that --help answers at once
+    import torch
+
+    from treg.images import grid
     if not runs:
         raise RunError("no run folders given")
     info = [read_run(r) for r in runs]
@@ -116,6 +116,7 @@ def main(argv=None):
         sheet = figure(args.runs, args.size, args.font_size)
     except RunError as err:
         sys.exit(f"error: {err}")
+    from treg.images import atomic_write
     atomic_write(args.out, lambda tmp: sheet.save(tmp, format="PNG"))
     print(f"{args.out}: {sheet.width}x{sheet.height}", file=sys.stderr)
 

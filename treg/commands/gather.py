@@ -25,11 +25,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from treg import fid, hub
 from treg.config import ConfigError
-from treg.images import atomic_write
-from treg.metrics import MetricUnavailable
-from treg.runs import fmt, markdown, write_text
 
 ARG_SETTINGS = ("task_config", "model", "prompt", "null_prompt", "seed", "img_path")  # CLI args that are settings
 TASK_SETTINGS = ("image_size", "noise_scale")  # resolved task fields that are settings
@@ -104,6 +100,7 @@ def add_set_metrics(rows, labels, extractor):
     for r in rows:
         pairs = [(r["recon"][i], labels[i]) for i in sorted(r["recon"]) if r["recon"][i] and i in labels]
         if len(pairs) >= 2:
+            from treg import fid
             r["metrics"] |= fid.set_metrics(*zip(*pairs), extractor, style=r["style"])
 
 
@@ -119,6 +116,7 @@ def split(rows):
 
 
 def label(row, keys, with_method, sep="\n"):
+    from treg.runs import fmt
     parts = [row["method"]] * with_method + [f"{SHORT.get(k, k)}={fmt(row['settings'].get(k))[:40]}" for k in keys]
     return sep.join(parts)
 
@@ -178,6 +176,8 @@ def plot(rows, metric, x, lines, keys, with_method, path):
                      if r["settings"].get(x) is not None and r["metrics"].get(metric) is not None)
         ax.plot([p for p, _ in pts], [m for _, m in pts], marker="os^Dv"[n % 5], ls=["-", "--", ":", "-."][n % 4],
                 ms=7 - n % 3, label=name or None)
+    from treg.images import atomic_write
+    from treg.runs import fmt
     if not numeric:
         ax.set_xticks(range(len(values)), [fmt(v) for v in values])
     ax.set(xlabel=x, ylabel=f"{metric} (mean over images)", title=f"{metric} vs {x}" + f", by {lines}" * (lines in keys))
@@ -189,6 +189,11 @@ def plot(rows, metric, x, lines, keys, with_method, path):
 
 def main(argv=None):
     args = parse_args(argv)
+    # torch (through every module below) loads only after the arguments parse, so that --help answers at once
+    from treg import fid, hub
+    from treg.images import atomic_write
+    from treg.metrics import MetricUnavailable
+    from treg.runs import fmt, markdown, write_text
     if not args.root.is_dir():
         fail(f"{args.root} is not a folder")
     try:
