@@ -1,7 +1,6 @@
 """python -m treg NAME [ARGS]: the programs beside solve.py, as subcommands of one entry point (the convention of
 `python -m pip`). Each module is imported only when its command runs, so --help and a typo cost no torch import."""
-import importlib
-import sys
+from treg.commands import dispatch
 
 COMMANDS = {
     "invert": "invert images into the noise latent that regenerates them (DDIM inversion, FPI, RNRI)",
@@ -22,14 +21,7 @@ def usage():
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(usage())
-        return
-    name, rest = argv[0], argv[1:]
-    if name not in COMMANDS:
-        sys.exit(f"error: no command {name!r}; choose from {', '.join(COMMANDS)} (python -m treg --help)")
-    importlib.import_module(f"treg.commands.{name}").main(rest)
+    dispatch(argv, COMMANDS, "treg.commands", usage(), "command", " (python -m treg --help)")
 
 
 if __name__ == "__main__":

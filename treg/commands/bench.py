@@ -1,7 +1,6 @@
 """python -m treg bench NAME [ARGS]: run one benchmark of treg/bench/ (each writes OUT.md and OUT.json under runs/
 by default; `--out assets/NAME` refreshes a committed report). `python -m treg bench NAME --help` describes one."""
-import importlib
-import sys
+from treg.commands import dispatch
 
 BENCHMARKS = {
     "accuracy": "does each solver fit y, and does the prompt choose the solution? (exact posterior, analytic prior)",
@@ -20,14 +19,7 @@ def usage():
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(usage())
-        return
-    name, rest = argv[0], argv[1:]
-    if name not in BENCHMARKS:
-        sys.exit(f"error: no benchmark {name!r}; choose from {', '.join(BENCHMARKS)}")
-    importlib.import_module(f"treg.bench.{name}").main(rest)
+    dispatch(argv, BENCHMARKS, "treg.bench", usage(), "benchmark")
 
 
 if __name__ == "__main__":
