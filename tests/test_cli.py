@@ -10,6 +10,7 @@ import yaml
 from PIL import Image
 
 import solve
+from treg import runs
 
 ROOT = Path(__file__).resolve().parent.parent
 TASKS = sorted((ROOT / "configs/task").glob("*.yaml"))
@@ -110,7 +111,7 @@ def test_flag_for_a_field_the_solver_lacks_is_an_error(tmp_path):
 
 @pytest.mark.parametrize("prompt", ["../../etc/passwd", "a/b\\c", "x" * 500, "café ☕ über", "..", ""])
 def test_output_names_stay_inside_workdir(prompt, tmp_path):
-    name = solve.slug(prompt)
+    name = runs.slug(prompt)
     path = (tmp_path / "recon" / f"00000-{name}.png").resolve()
     assert path.parent == (tmp_path / "recon").resolve()
     assert 0 < len(name) <= 80 and "/" not in name and "\\" not in name and not name.startswith(".")
@@ -121,3 +122,32 @@ def test_help_renders_the_examples_as_written(capsys):
         solve.parse_args(["--help"])
     out = capsys.readouterr().out
     assert "--img_path samples/cat_1.jpg \\\n" in out and "--steps STEPS" in out
+
+
+def test_help_and_bad_flags_answer_before_torch_loads():
+    """--help, and a flag argparse refuses, exit before torch is imported (2-5 s), for solve.py and each command
+    that a user types; one fresh interpreter checks them all."""
+    code = """
+import sys
+import solve
+import treg.__main__ as dispatcher
+for main, argv in [(solve.main, ["--help"]), (solve.main, ["--stepz", "3"]), (dispatcher.main, ["--help"]),
+                   *((dispatcher.main, [name, "--help"]) for name in dispatcher.COMMANDS), (dispatcher.main, ["bench"])]:
+    try:
+        main(argv)
+    except SystemExit:
+        pass
+loaded = sorted(m for m in ("torch", "diffusers", "transformers", "accelerate") if m in sys.modules)
+print("LOADED", loaded)
+"""
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "LOADED []" in done.stdout, done.stdout[-500:]
+
+
+def test_help_names_every_dataset(capsys):
+    from treg.datasets import FOLDER_DATASETS
+    with pytest.raises(SystemExit):
+        solve.parse_args(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert all(name in out for name in ("food", *FOLDER_DATASETS))

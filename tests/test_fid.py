@@ -10,6 +10,7 @@ from PIL import Image
 from scipy import linalg
 
 from treg import fid
+from treg.commands import fid as fid_command
 from treg.metrics import MetricUnavailable
 
 
@@ -302,8 +303,8 @@ def test_missing_inception_weights_name_the_file_and_folder(monkeypatch, tmp_pat
 
 def test_the_command_line_prints_help_and_refuses_too_few_images(tmp_path, capsys):
     with pytest.raises(SystemExit) as done:
-        fid.main(["--help"])
-    assert done.value.code == 0 and "usage: python -m treg.fid" in capsys.readouterr().out
+        fid_command.main(["--help"])
+    assert done.value.code == 0 and "usage: python -m treg fid" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="at least 2 PNGs in each folder"):
-        fid.main([str(tmp_path), str(tmp_path), "--device", "cpu"])
+        fid_command.main([str(tmp_path), str(tmp_path), "--device", "cpu"])
 

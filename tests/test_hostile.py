@@ -12,6 +12,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 import solve
+from treg import profiling
 from treg.priors.analytic import AnalyticPrior
 from treg.priors.base import PriorUnavailable
 from treg.priors.load import load_prior
@@ -140,7 +141,7 @@ def test_steps_beyond_the_models_training_steps(tmp_path, monkeypatch):
 ])
 def test_cli_values(tmp_path, flags, expected, monkeypatch):
     if flags[-1] == 8192:  # the memory check refuses what the machine cannot hold, whatever the machine
-        monkeypatch.setattr(solve, "available_memory", lambda device: 16 * 2 ** 30)
+        monkeypatch.setattr(profiling, "available_memory", lambda device: 16 * 2 ** 30)
     code, workdir = run(tmp_path, *flags)
     if code == 2:  # argparse's own errors: one line on stderr, exit 2
         return
@@ -176,7 +177,7 @@ def test_argparse_errors_are_one_line(tmp_path, capsys):
 
 def test_memory_estimate_scales_with_pixels_and_batch():
     prior = AnalyticPrior.from_folder()
-    assert solve.memory_needed(prior, 1024, 2) == 8 * solve.memory_needed(prior, 512, 1)
+    assert profiling.memory_needed(prior, 1024, 2) == 8 * profiling.memory_needed(prior, 512, 1)
 
 
 # --- the workdir ----------------------------------------------------------------------------------------------------

@@ -117,3 +117,19 @@ def test_default_device_without_a_usable_gpu(cuda_build_without_gpu, tmp_path):
             main(["--model", "analytic", "--img_path", ROOT_SAMPLE, "--device", "cuda", "--workdir", str(tmp_path)])
     with pytest.raises(SystemExit):
         gather.main([str(tmp_path / "runs"), "--device", "cuda"])
+
+
+
+def test_flag_defaults_are_the_configs(capsys):
+    """The parser states InversionConfig's defaults and the official K literally (so that --help needs no torch):
+    they must agree with the library's."""
+    from treg.solvers.inversion import METHODS, OFFICIAL_ITERS
+    args, defaults = invert_cli.parse_args(["--img_path", "x"]), InversionConfig()
+    for key in ("method", "steps", "cfg_guidance", "alpha", "rnri_form", "start_step", "prompt_aware"):
+        assert getattr(args, key) == getattr(defaults, key), key
+    assert args.diffusers_shift == (not defaults.official_shift) and args.iters == defaults.iters
+    with pytest.raises(SystemExit):
+        invert_cli.parse_args(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"one of {', '.join(METHODS)}" in out
+    assert ", ".join(f"{m} {k}" for m, k in OFFICIAL_ITERS.items()) + ";" in out

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import solve
+from treg.commands import solve as solve_run
 from treg.images import load_image
 from treg.operators import build_operator, measure
 from treg.priors.analytic import AnalyticPrior
@@ -135,7 +136,7 @@ def test_psld_step_matches_finite_differences_of_its_loss(bed):
 def test_measurement_noise_has_the_configured_std():
     """The measure that solve.py uses draws y − A x with std noise_scale (12,288 values: a 3% band is 4.7 standard
     errors)."""
-    assert solve.measure is measure
+    assert solve_run.measure is measure
     op = build_operator("super_resolution", 256, scale=4)
     x = load_image("samples/coffee.jpg", 256)
     for sigma in (0.01, 0.05):

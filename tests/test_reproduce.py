@@ -197,3 +197,13 @@ def test_pixel_baselines_run_on_the_pixel_model_only(food101_dir, tmp_path, caps
     assert {r["method"] for r in runs} == {"treg", "ddrm", "pigdm"}
     models = {r["method"]: reproduce.argv_for(args, r, ["psnr"])[1] for r in runs}
     assert models == {"treg": "analytic", "ddrm": "analytic-pixel", "pigdm": "analytic-pixel"}
+
+
+def test_every_method_names_a_solver_yaml_of_a_registered_solver():
+    """reproduce names its methods without importing the solvers (so --help needs no torch): each must exist."""
+    from treg.config import CONFIGS, load_solver
+    from treg.solvers import SOLVERS
+    for name, (yaml_name, _, _, _) in reproduce.METHODS.items():
+        solver, _ = load_solver(CONFIGS / "solver" / f"{yaml_name}.yaml", SOLVERS)
+        assert solver in SOLVERS, name
+    assert set(reproduce.PIXEL_METHODS) <= set(SOLVERS)

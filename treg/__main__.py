@@ -6,6 +6,7 @@ COMMANDS = {
     "invert": "invert images into the noise latent that regenerates them (DDIM inversion, FPI, RNRI)",
     "gather": "collect a sweep of solve.py workdirs into one table (and plot, FID/KID)",
     "reproduce": "the paper's Food-101 protocol: every method × task, then FID/KID/CLIP tables",
+    "fid": "FID and KID between two folders of PNGs (a run's recon/ and label/)",
     "figure": "draw the demo figure (input | reconstructions | ...) from solve.py workdirs",
     "tiny": "write a tiny (or full-size) random Stable-Diffusion-shaped model folder, offline",
     "food101": "write a fabricated Food-101-layout folder for the offline protocol run",

@@ -12,6 +12,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent  # the repository: configs/, samples/, solve.py
 CONFIGS = ROOT / "configs"
 SAMPLES = ROOT / "samples"
+DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # the official runwayml/... id was withdrawn
 
 
 class ConfigError(ValueError):

@@ -13,10 +13,8 @@ MetricUnavailable with one line saying what to install or which file to put wher
 - KID = the unbiased MMD² with the cubic polynomial kernel k(a, b) = (aᵀb/D + 1)³ (Bińkowski et al., ICLR 2018),
   averaged over random subsets as clean-fid does (100 subsets of min(N, 1000) images).
 
-    python -m treg.fid WORKDIR/recon WORKDIR/label      # FID and KID of one run's PNGs (python -m treg gather: all)
+    python -m treg fid WORKDIR/recon WORKDIR/label      # FID and KID of one run's PNGs (python -m treg gather: all)
 """
-import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -112,26 +110,3 @@ def load_inception(device="cpu"):
                                 f"in {weights.parent}")
     model = InceptionV3([InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).to(device).eval()  # loads the cached file
     return lambda x: model(x.to(device))[0].flatten(1).double().cpu().numpy()
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m treg.fid", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("recon", type=Path, help="folder of reconstructions (PNGs, e.g. a workdir's recon/)")
-    p.add_argument("label", type=Path, help="folder of the ground truths (PNGs, e.g. the workdir's label/)")
-    p.add_argument("--device", help="torch device (default: the accelerator, else cpu)")
-    p.add_argument("--metrics_style", default="ours", choices=("ours", "official"),
-                   help="official: score the min-max stretched 8-bit view, as the official metric script")
-    args = p.parse_args(argv)
-    recon, label = sorted(args.recon.glob("*.png")), sorted(args.label.glob("*.png"))
-    if len(recon) < 2 or len(label) < 2:  # before loading Inception
-        sys.exit(f"error: FID/KID need at least 2 PNGs in each folder ({len(recon)} and {len(label)} here)")
-    try:
-        scores = set_metrics(recon, label, load_inception(resolve_device(args.device)), style=args.metrics_style)
-    except (ConfigError, MetricUnavailable) as err:
-        sys.exit(f"error: {err}")
-    print(f"FID {scores['fid']:.2f}, KID {scores['kid']:.5f}")
-
-
-if __name__ == "__main__":
-    main()

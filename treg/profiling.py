@@ -10,6 +10,8 @@ from collections import defaultdict
 
 import torch
 
+from treg.config import ConfigError
+
 PRIOR_PARTS = {"eps": "unet", "decode": "vae_decode", "encode": "vae_encode", "image_features": "clip_image",
                "embed": "text_encoder"}
 OPERATOR_PARTS = {"A": "operator", "At": "operator", "pinv": "operator"}
@@ -136,3 +138,11 @@ def memory_needed(prior, image_size, batch_size):
     if vae is not None:
         per_pixel += 4 * vae.config.block_out_channels[0] * torch.finfo(vae.dtype).bits // 8
     return batch_size * image_size ** 2 * per_pixel
+
+
+def check_memory(prior, image_size, batch_size, device):
+    """ConfigError if a batch's solve clearly cannot fit in `device`'s free memory (memory_needed is a lower bound)."""
+    need, have = memory_needed(prior, image_size, batch_size), available_memory(device)
+    if need > have:
+        raise ConfigError(f"image_size {image_size} with batch size {batch_size} needs about {need / 2 ** 30:.1f} GiB "
+                          f"on {device}, {have / 2 ** 30:.1f} GiB is free; use a smaller --image_size or --batch_size")

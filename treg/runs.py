@@ -6,11 +6,13 @@ import errno
 import io
 import json
 import math
+import os
 import re
 import unicodedata
 import warnings
 from pathlib import Path
 
+from treg.config import ConfigError
 from treg.images import atomic_write, save_image
 
 RECORDS = "records"
@@ -213,6 +215,23 @@ def markdown_table(summary, columns):
 
 
 # ---------------------------------------------------------------- the files of one solved image (solve.py)
+def check_workdir(path):
+    """ConfigError unless `path` is, or can be made, a writable folder. Creates nothing."""
+    path = Path(path)
+    for part in path.parts:
+        if len(os.fsencode(part)) > 255:
+            raise ConfigError(f"--workdir: the name {part[:40]}... is too long for the file system")
+    probe = path
+    while not probe.exists():
+        if probe.is_symlink():
+            raise ConfigError(f"--workdir {path}: {probe} is a symlink to a missing target")
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(f"--workdir {path}: {probe} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"--workdir {path}: {probe} is not writable")
+
+
 def slug(prompt, limit=80):
     """A file-name-safe form of the prompt: ASCII, no path separators or leading dots, at most `limit` chars."""
     text = unicodedata.normalize("NFKD", prompt).encode("ascii", "ignore").decode()

@@ -26,18 +26,11 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-from accelerate import PartialState
-
 import solve
-from treg import fid, hub, runs
-from treg.config import ROOT, ConfigError
-from treg.datasets import food101
-from treg.images import ImageError
-from treg.metrics import STYLES, MetricUnavailable, build_metrics
-from treg.priors.load import DEFAULT_MODEL
-from treg.solvers import SOLVERS
+from treg.config import DEFAULT_MODEL, ROOT, ConfigError
 
+# Heavy modules (torch, accelerate, the metrics) are imported in the functions that need them, so that --help and
+# a bad flag answer at once.
 CLASSES = {"ice_cream": "ice cream", "fried_rice": "fried rice"}
 TASKS = {"sr16": "super-resolution", "gauss-deblur": "gauss-deblur"}  # key: configs/task/<name>.yaml
 TASK_TITLES = {"sr16": "×16 SR", "gauss-deblur": "Gaussian deblur"}
@@ -56,7 +49,7 @@ METHODS = {
 }
 # The paper's pixel-space baselines: they run on --pixel_model (their papers' setting; DDRM cannot run on SD's
 # nonlinear decoder), and only when one is given; their pass count is not known yet (1000 is a placeholder)
-PIXEL_METHODS = tuple(name for name in ("ddrm", "pigdm") if name in SOLVERS)
+PIXEL_METHODS = ("ddrm", "pigdm")
 METHODS |= {name: (name, {"cfg_guidance": 0.0}, False, 1000) for name in PIXEL_METHODS}
 MISMATCHED = {"fried_rice": ("gauss-deblur", "spaghetti"), "ice_cream": ("sr16", "macarons")}
 # An assumption, not a measurement: SD-1.5 at 512² in fp16 on an A100-class GPU runs ~22 CFG steps/s.
@@ -98,6 +91,8 @@ def parse_args(argv=None):
 
 def plan(args):
     """Every run: dicts with table, class, task, method, prompt, workdir, images (after --limit)."""
+    from treg.datasets import food101
+    from treg.metrics import STYLES
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in names if m not in METHODS]
     if unknown or not names:
@@ -151,11 +146,13 @@ def argv_for(args, run, metrics):
 
 def remaining(run, skip_existing):
     """How many of the run's images will be solved (with --skip_existing, those without a record)."""
+    from treg import runs
     return sum(not (skip_existing and runs.record_path(run["workdir"], i).exists()) for i in range(run["images"]))
 
 
 def seconds_per_image(run, steps):
     """(seconds, 'measured') from this run's finished records, else (guess for `steps` steps at 512², 'guess')."""
+    from treg import runs
     times = [r["results"][m]["wall_seconds"] for r in runs.read_records(run["workdir"]) for m in r["results"]]
     if times:
         return sum(times) / len(times), "measured"
@@ -177,6 +174,7 @@ def estimate(todo, skip_existing, steps):
 
 def available_metrics(names, args):
     """The metrics of `names` whose weights are present, with one line for each missing one."""
+    from treg.metrics import build_metrics
     fns, notes = build_metrics(names, device="cpu", clip_model=args.clip_model)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
@@ -195,6 +193,7 @@ def solve_run(argv):
 
 def run_scores(run, extractor, style):
     """Mean metrics of one finished run, y-MSE from the per-image residuals, FID/KID from its files."""
+    from treg import fid
     path = run["workdir"] / "run.json"
     if not path.exists():
         return {}
@@ -219,6 +218,7 @@ def paper_cell(task, cls, method, metric):
 
 def tables(todo, extractor, args):
     """The markdown of every table and the numbers behind it."""
+    from treg import runs
     numbers = {f"{r['table']}/{r['class']}/{r['task']}/{r['method']}": run_scores(r, extractor, args.metrics_style)
                for r in todo}
     key = lambda r: f"{r['table']}/{r['class']}/{r['task']}/{r['method']}"
@@ -261,6 +261,12 @@ def tables(todo, extractor, args):
 
 def main(argv=None):
     args = parse_args(argv)
+    import torch
+    from accelerate import PartialState
+
+    from treg import fid, hub, runs
+    from treg.images import ImageError
+    from treg.metrics import MetricUnavailable
     state = PartialState(cpu=args.device == "cpu" or not torch.accelerator.is_available())  # as solve.py
     try:
         todo = plan(args)

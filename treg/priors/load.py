@@ -6,13 +6,13 @@ from pathlib import Path
 import torch
 
 from treg import hub
+from treg.config import DEFAULT_MODEL
 from treg.hub import ModelUnavailable
 from treg.priors.analytic import AnalyticPrior
 from treg.priors.base import PriorUnavailable
 from treg.priors.pixel import AnalyticPixelPrior, is_pixel_folder, load_pixel_prior
 from treg.priors.sd import StableDiffusion
 
-DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # the official runwayml/... id was withdrawn
 DEFAULT_IMAGE_ENCODER = "openai/clip-vit-large-patch14"
 
 
