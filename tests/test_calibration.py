@@ -9,7 +9,7 @@ import torch
 from scipy.stats import wasserstein_distance
 
 from treg.bench import beds as cal, calibration as bench
-from treg.priors.posterior import exact_posterior, sample
+from treg.priors.posterior import dense_posterior, exact_posterior, sample
 from treg.solvers import SOLVERS
 from treg.solvers.latent import residual_norm
 
@@ -35,6 +35,25 @@ def test_bed_posterior_agrees_with_the_cg_posterior(bed):
     torch.testing.assert_close(dense, cg.cov(v.view(3, *bed.latent_shape)).flatten(1), rtol=1e-7, atol=1e-12)
     assert int(bed.measured.sum()) == 192 and torch.allclose(bed.variance[~bed.measured], torch.tensor(cal.STD ** 2,
                                                                                       dtype=torch.float64))
+
+
+def test_dense_posterior_takes_an_embedding_and_draws_as_the_cg_posterior(bed):
+    """dense_posterior given the prompt's embedding equals it given the string; its cov is the eigenbasis Σ, and its
+    draws equal the CG posterior's draws from the same generator (same weights, means, Σ and noise)."""
+    prompt = "plain"
+    dense = dense_posterior(bed.prior, bed.op, bed.gram, bed.y, prompt, bed.sigma)
+    embedded = dense_posterior(bed.prior, bed.op, bed.gram, bed.y, bed.prior.embed([prompt]), bed.sigma)
+    torch.testing.assert_close(embedded.log_weights, dense.log_weights, rtol=0, atol=1e-12)
+    torch.testing.assert_close(embedded.means, dense.means, rtol=0, atol=1e-12)
+    v = torch.randn(3, 256, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    torch.testing.assert_close(dense.cov(v.view(3, *bed.latent_shape)).flatten(1),
+                               (v @ bed.basis) * bed.variance @ bed.basis.T, rtol=1e-7, atol=1e-12)
+    cg = exact_posterior(bed.prior, bed.op, bed.y, prompt, bed.sigma)
+    draws = [sample(post, 8, torch.Generator().manual_seed(2)) for post in (dense, cg)]
+    assert draws[0].shape == (8, *bed.latent_shape)
+    torch.testing.assert_close(draws[0], draws[1], rtol=0, atol=1e-6)
+    nearest = torch.cdist(draws[0].flatten(1), dense.means.flatten(1)).min(1).values
+    assert (nearest > 0.5 * bed.variance.sum().sqrt()).all()  # each draw is ≈ √tr Σ from its mean, not at it
 
 
 def test_tilted_target_is_the_closed_form(bed):

@@ -154,4 +154,5 @@ def dense_posterior(prior, op, gram, y, prompt, sigma):
     quad = (residual.flatten(1).pow(2).sum(1) - (u * torch.linalg.solve(n2 / s2 * eye + gram, u.T).T).sum(1)) / n2
     e = prior.embed([prompt]) if isinstance(prompt, str) else prompt
     log_weights = torch.log_softmax(prior.log_weights(e).double()[0] - quad / 2, dim=0)
-    return ExactPosterior(means.view_as(mu), log_weights, y, forward, adjoint, prior.std, sigma, 0)
+    # cov and sample run CG on the n×n precision: n iterations reach the exact solution
+    return ExactPosterior(means.view_as(mu), log_weights, y, forward, adjoint, prior.std, sigma, len(gram))
