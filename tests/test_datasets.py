@@ -179,3 +179,17 @@ def test_food101_needs_both_images_and_meta_and_reads_the_split_asked_for(food10
     with pytest.raises(ImageError) as info:
         food101(root, split="val")
     assert str(info.value) == f"no meta/val.json or meta/val.txt in {root}"
+
+
+def test_unknown_class_messages_name_the_close_classes_or_the_class_count(food101_dir):
+    """The whole line a user reads: up to three close class keys, comma-separated, or else how many classes exist."""
+    root = food101_dir[0]
+    cases = {"ice creams": "--target 'ice creams': no class 'ice_creams' in Food-101's test split; did you mean "
+                           "ice_cream?",
+             "apple rice": "--target 'apple rice': no class 'apple_rice' in Food-101's test split; did you mean "
+                           "apple_pie, fried_rice?",
+             "zzz": "--target 'zzz': no class 'zzz' in Food-101's test split (3 classes in meta/test)"}
+    for target, message in cases.items():
+        with pytest.raises(ConfigError) as err:
+            food101(root, target)
+        assert str(err.value) == message
