@@ -336,6 +336,39 @@ def test_treg_replays_negation_dps_and_an_exact_prox(bed):
     close(x, prior.decode(z0), 1e-9)
 
 
+def test_treg_calibration_options_replay_a_noise_level_prox_and_stochastic_ddim(bed):
+    """cg_lamb_noise = k: the prox weight of each data-consistency step is k·σ_y²·ᾱ_t/(1−ᾱ_t) (dense prox, CG to
+    convergence); eta: every other step is DDIM with σ_t = η√((1−ᾱ_{t−1})/(1−ᾱ_t))·√(1−ᾱ_t/ᾱ_{t−1}) (Song et al.
+    2021, eq. 16), z' = √ᾱ'·ẑ0 + √(1−ᾱ'−σ_t²)·ε̂ + σ_t·n with the n the callback reports."""
+    prior, op, y, uc, c = bed
+    k, sigma_y, eta = 2.0, 0.5, 0.8  # λ from 1e-2 (t = 901) to 500: well conditioned in float32 at step 0
+    cfg = TRegConfig(steps=10, cfg_guidance=2.0, official_shift=False, dc_every=3, dc_until=1.0, cg_iters=80,
+                     cg_tol=0.0, cg_lamb_noise=k, sigma_y=sigma_y, eta=eta)
+    seen = []
+    x = treg(prior, op, y, cfg, c=c[:1], uc=uc[:1], generator=generators(), callback=seen.append)
+    assert [i for i, info in enumerate(seen) if "x0y" in info] == [0, 3, 6, 9]  # dc_until 1: to the last step
+    for i, (info, (t, a, a_prev)) in enumerate(zip(seen, grid(prior, 10, shift=False), strict=True)):
+        z = info["z"].double()
+        eps = cfg_eps(prior, z, t, uc, c, cfg.cfg_guidance)
+        z0 = clean(z, eps, a)
+        rel = 1e-9 if i else 1e-5
+        if i % 3 == 0:
+            lamb = k * sigma_y ** 2 * a / (1 - a)
+            close(info["x0y"], dense_prox(op, prior.decode(info["z0"].double()), y, lamb), 1e-9 if i else 1e-5)
+            blend = a_prev * prior.encode(info["x0y"]) + (1 - a_prev) * z0
+            want = a_prev ** 0.5 * blend + (1 - a_prev) * eps + (a_prev * (1 - a_prev)) ** 0.5 * info["noise"]
+        else:
+            s = eta * ((1 - a_prev) / (1 - a)) ** 0.5 * (1 - a / a_prev) ** 0.5
+            assert s > 0.01 and info["noise"].std() > 0.5
+            want = a_prev ** 0.5 * z0 + (1 - a_prev - s ** 2) ** 0.5 * eps + s * info["noise"]
+        close(info["z0"], z0, rel)
+        if i + 1 < len(seen):
+            close(seen[i + 1]["z"], want, rel)
+    close(x, prior.decode(z0), 1e-9)
+    with pytest.raises(ValueError, match="cg_lamb_noise needs sigma_y"):
+        treg(prior, op, y, TRegConfig(steps=2, cg_lamb_noise=1.0), c=c[:1], uc=uc[:1])
+
+
 def test_treg_cg_tolerance_and_iterations_reach_the_prox(bed):
     """The prox's stopping rule is the config's: a tolerance above ‖Aᵀy − AᵀA D(ẑ0)‖ (or 0 iterations) returns D(ẑ0)
     itself; the official 5 iterations at tol 1e-4 move it toward y."""

@@ -28,7 +28,7 @@ SOLVERS = {
 
 def with_noise(cfg, noise_scale):
     """cfg with sigma_y = the task's noise std where the solver models y's noise and its YAML leaves it unset
-    (ΠGDM, DDRM); any other config as it is."""
+    (ΠGDM, DDRM, TReg's cg_lamb_noise option); any other config as it is."""
     return dataclasses.replace(cfg, sigma_y=noise_scale) if getattr(cfg, "sigma_y", 0) is None else cfg
 
 

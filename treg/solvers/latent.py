@@ -81,6 +81,13 @@ class TRegConfig:
     cg_iters: int = bounded(5, 0, 10000)      # CG iterations of the pixel-space proximal solve
     cg_lamb: float = bounded(1e-4, 0, 1e6, low_open=True)  # λ of the prox, relative to A's scale (SR rows sum to 1)
     cg_tol: float = bounded(1e-4, 0, 1e3)     # CG stops early once ‖r‖ < tol
+    # Not in the official code (calibration options, measured in docs/benchmarks.md): with cg_lamb_noise set, the
+    # prox weight follows the noise level, λ_t = cg_lamb_noise·σ_y²·ᾱ_t/(1−ᾱ_t) (the MAP weight σ_y²/r_t² for
+    # ẑ0's error r_t² = (1−ᾱ_t)/ᾱ_t, DiffPIR's ρ_t), instead of the fixed cg_lamb; eta > 0 makes the steps without
+    # data consistency stochastic DDIM (Song et al. 2021, eq. 16).
+    cg_lamb_noise: float | None = bounded(None, 0, 1e6, low_open=True)
+    sigma_y: float | None = bounded(None, 0, 10)  # y's noise std for cg_lamb_noise; None = the task's noise_scale
+    eta: float = bounded(0.0, 0, 1)
     use_AN: bool = False                      # adaptive negation (the official README always passes --use_AN)
     null_lr: float = bounded(8e-4, 0, 1)      # Adam learning rate on the null-text embedding
     null_iters: int = bounded(10, 0, 10000)   # Adam steps per adaptive-negation call
@@ -110,6 +117,8 @@ def adaptive_negation(prior, x, uc, lr, iters):
 
 @torch.no_grad()
 def treg(prior, op, y, cfg, *, c, uc, generator=None, callback=None):
+    if cfg.cg_lamb_noise is not None and cfg.sigma_y is None:
+        raise ValueError("treg: cg_lamb_noise needs sigma_y (solve.py sets it to the task's noise_scale)")
     z, c, uc = _start(prior, op, y, c, uc, generator)
     z, first = warm_start(prior, op, y, cfg, c=c, uc=uc, generator=generator) if cfg.init == "inversion" else (z, 0)
     dc_until = round(cfg.dc_until * cfg.steps)
@@ -122,7 +131,8 @@ def treg(prior, op, y, cfg, *, c, uc, generator=None, callback=None):
             eps = guided_eps(prior, z, t, uc, c, cfg.cfg_guidance)
             z0 = tweedie(z, eps, a)
             # 2. data consistency: pixel-space prox argmin ‖y − A x‖² + λ‖x − D(ẑ0)‖² by CG, then re-encode
-            x0y = prox(op, prior.decode(z0), y, cfg.cg_lamb, cfg.cg_iters, cfg.cg_tol)
+            lamb = cfg.cg_lamb if cfg.cg_lamb_noise is None else cfg.cg_lamb_noise * cfg.sigma_y ** 2 * a / (1 - a)
+            x0y = prox(op, prior.decode(z0), y, lamb, cfg.cg_iters, cfg.cg_tol)
             z0y = prior.encode(x0y, generator)
             # 3. adaptive negation: move the null text away from the data-consistent image
             if cfg.use_AN:
@@ -141,7 +151,12 @@ def treg(prior, op, y, cfg, *, c, uc, generator=None, callback=None):
         else:
             eps = guided_eps(prior, z, t, uc, c, cfg.cfg_guidance)
             z0 = tweedie(z, eps, a)
-            z = ddim_step(z0, eps, a_prev)
+            if cfg.eta > 0:  # DDIM's σ_t(η) = η·√((1−ᾱ')/(1−ᾱ))·√(1−ᾱ/ᾱ')
+                sigma = cfg.eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)) ** 0.5
+                info = {"noise": randn(z.shape, generator, z.device)}
+                z = ddim_step(z0, eps, a_prev, sigma, info["noise"])
+            else:
+                z = ddim_step(z0, eps, a_prev)
         if callback:
             callback({"i": i, "steps": cfg.steps, "t": t, "z": z_t, "z0": z0, "eps": eps, **info})
     return prior.decode(z0)
