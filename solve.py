@@ -3,7 +3,8 @@ r"""Solve an inverse problem with a latent diffusion prior and a text prompt (TR
 Examples (the official TReg README commands run unchanged; --model picks the prior):
 
     python solve.py --model analytic --task_config configs/task/super-resolution.yaml --img_path samples/cat_1.jpg \
-        --null_prompt "out of focus, depth of field" --prompt "a photo of a cat" --cfg_guidance 5.0 --null_lr 1e-3 --use_AN
+        --null_prompt "out of focus, depth of field" --prompt "a photo of a cat" --cfg_guidance 5.0 --null_lr 1e-3 \
+        --use_AN
     python solve.py --task_config configs/task/gauss-deblur.yaml --img_path samples/ --prompt "a photo" \
         --compare treg,dps,psld,p2l,reddiff,ddim --metrics psnr,ssim,lpips,clip
     accelerate launch --num_processes 4 solve.py --img_path my_folder/ ...        # one shard of the folder per GPU

@@ -132,7 +132,8 @@ import sys
 import solve
 import treg.__main__ as dispatcher
 for main, argv in [(solve.main, ["--help"]), (solve.main, ["--stepz", "3"]), (dispatcher.main, ["--help"]),
-                   *((dispatcher.main, [name, "--help"]) for name in dispatcher.COMMANDS), (dispatcher.main, ["bench"])]:
+                   *((dispatcher.main, [name, "--help"]) for name in dispatcher.COMMANDS),
+                   (dispatcher.main, ["bench"])]:
     try:
         main(argv)
     except SystemExit:

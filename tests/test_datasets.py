@@ -97,7 +97,8 @@ def test_solve_with_the_official_dataset_flags(food101_dir, tmp_path):
     root, split = food101_dir
     workdir = tmp_path / "out"
     solve.main(["--model", "analytic", "--use_dataloader", "--dataset", "food", "--root", str(root),
-                "--target", "ice cream", "--limit", "2", "--image_size", "64", "--prompt", "a photography of an ice cream",
+                "--target", "ice cream", "--limit", "2", "--image_size", "64",
+                "--prompt", "a photography of an ice cream",
                 "--workdir", str(workdir), "--device", "cpu"])
     run = json.loads((workdir / "run.json").read_text())
     assert [Path(r["path"]).parent.name + "/" + Path(r["path"]).stem for r in run["images"]] == split["ice_cream"][:2]

@@ -122,7 +122,8 @@ def test_plot_is_skipped_when_x_does_not_vary(sweep, tmp_path, capsys):
 def test_bad_root_or_metric_exits_2_and_writes_nothing(case, sweep, tmp_path, capsys):
     root, out = tmp_path / "root", tmp_path / "out"
     root.mkdir()
-    argv = {"empty": [root], "missing": [tmp_path / "nope"], "unknown metric": [sweep, "--metric", "sharpness", "--no_fid"]}[case]
+    argv = {"empty": [root], "missing": [tmp_path / "nope"],
+            "unknown metric": [sweep, "--metric", "sharpness", "--no_fid"]}[case]
     assert run_gather([*argv, "--out", out]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and len(err.splitlines()) == 1

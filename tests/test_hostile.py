@@ -411,8 +411,8 @@ def task_file(tmp_path, operator, params, size, noise_scale=0.01):
 def complete_run(workdir):
     """Each kind of output once, the record and the reports; no temporary file."""
     names = sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*") if p.is_file())
-    return names == ["input/00000-no-prompt.png", "label/00000-no-prompt.png", "metrics.csv", "recon/00000-no-prompt.png",
-                     "records/00000.json", "run.json", "ypred/00000-no-prompt.png"]
+    return names == ["input/00000-no-prompt.png", "label/00000-no-prompt.png", "metrics.csv",
+                     "recon/00000-no-prompt.png", "records/00000.json", "run.json", "ypred/00000-no-prompt.png"]
 
 
 @pytest.mark.parametrize("case, size", EDGES, ids=[f"{op}-{p}-{n}" for (op, p), n in EDGES])

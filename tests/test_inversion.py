@@ -219,8 +219,9 @@ def test_thousand_steps_end_to_end(tmp_path):
     import json
     import math
     import solve
-    solve.main(["--model", "analytic", "--image_size", "64", "--img_path", str(SAMPLES / "cat_1.jpg"), "--solver_config",
-                "configs/solver/ddim.yaml", "--steps", "1000", "--cfg_guidance", "0", "--workdir", str(tmp_path)])
+    solve.main(["--model", "analytic", "--image_size", "64", "--img_path", str(SAMPLES / "cat_1.jpg"),
+                "--solver_config", "configs/solver/ddim.yaml", "--steps", "1000", "--cfg_guidance", "0",
+                "--workdir", str(tmp_path)])
     result = json.loads((tmp_path / "records/00000.json").read_text())["results"]["ddim"]
     assert result["nfe"] == 1000 and math.isfinite(result["metrics"]["psnr"])
 

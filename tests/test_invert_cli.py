@@ -28,7 +28,8 @@ def test_compare_on_tiny_sd_writes_every_file(tiny_sd, tmp_path):
     for method in ("rnri", "fpi", "ddim"):
         assert f"latents/{method}/00000-cat_1.safetensors" in names
         assert f"regenerated/{method}/00000-cat_1.png" in names
-    assert {"compare/00000-cat_1.png", "compare.md", "records/00000.json", "run.json", "input/00000-cat_1.png"} <= set(names)
+    assert {"compare/00000-cat_1.png", "compare.md", "records/00000.json", "run.json",
+            "input/00000-cat_1.png"} <= set(names)
     assert not [n for n in names if n.rsplit("/", 1)[-1].startswith(".")]
     record = json.loads((out / "records/00000.json").read_text())["results"]
     assert record["ddim"]["nfe"] == 2 * 3 and record["rnri"]["nfe"] == 2 * 3 * 2  # CFG 2 latents; last step no-op
@@ -99,8 +100,8 @@ def cuda_build_without_gpu(monkeypatch):
 
 
 def test_default_device_without_a_usable_gpu(cuda_build_without_gpu, tmp_path):
-    """The default device is cpu there, and every command that loads a model runs without --device (treg.commands.invert,
-    solve.py, treg.commands.gather's Inception); --device cuda is one line."""
+    """The default device is cpu there, and every command that loads a model runs without --device
+    (treg.commands.invert, solve.py, treg.commands.gather's Inception); --device cuda is one line."""
     import solve
     from treg import hub
     from treg.commands import gather

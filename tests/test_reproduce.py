@@ -79,7 +79,8 @@ def test_every_run_solves_the_class_test_images_with_its_settings(reproduced):
             assert run["args"]["prompt"] == {"fried_rice": "a photography of a fried rice",
                                               "ice_cream": "a photography of an ice cream"}[cls]
     settings = lambda key: next(iter(found[key]["solvers"].values()))
-    assert settings("table12/ice_cream/sr16/treg")["use_AN"] and settings("table12/ice_cream/sr16/treg")["null_lr"] == 1e-3
+    assert (settings("table12/ice_cream/sr16/treg")["use_AN"]
+            and settings("table12/ice_cream/sr16/treg")["null_lr"] == 1e-3)
     assert settings("table12/ice_cream/gauss-deblur/treg")["null_lr"] == 5e-4
     assert not settings("table12/ice_cream/sr16/treg_noAN")["use_AN"]
     assert settings("table12/ice_cream/sr16/psld")["cfg_guidance"] == 0 and settings(
@@ -184,7 +185,8 @@ def test_two_process_accelerate_run_shards_every_run_and_matches_one_process(rep
         pngs = sorted((out / name / "recon").glob("*.png"))
         assert len(pngs) == 2
         for png in pngs:  # the same images as the one-process run
-            assert np.array_equal(np.asarray(Image.open(png)), np.asarray(Image.open(single / name / "recon" / png.name)))
+            assert np.array_equal(np.asarray(Image.open(png)),
+                                  np.asarray(Image.open(single / name / "recon" / png.name)))
 
 
 def test_pixel_baselines_run_on_the_pixel_model_only(food101_dir, tmp_path, capsys):

@@ -1,5 +1,5 @@
-"""The full-size random SD-1.5 (treg.priors.tiny --full-size) without building it: its configs counted on the meta device
-against SD-1.5's published sizes, its CLIP-sized tokenizer, and its folder layout loaded through load_prior."""
+"""The full-size random SD-1.5 (treg.priors.tiny --full-size) without building it: its configs counted on the meta
+device against SD-1.5's published sizes, its CLIP-sized tokenizer, and its folder layout loaded through load_prior."""
 import json
 
 import pytest

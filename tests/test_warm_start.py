@@ -49,8 +49,8 @@ def test_solve_reports_round_trip_beside_the_metrics(tmp_path):
 
 @pytest.mark.parametrize("solver, config", [(treg, TRegConfig), (dps, DPSConfig)])
 def test_warm_start_starts_at_init_t_from_the_inversion(bed, solver, config):
-    """With init_invert_t = init_t (deterministic) the solver's first step is the first with t ≤ init_t and its latent is the
-    RNRI inversion of encode(A⁺y) (no noise added, whatever the seed); the plain start runs every step."""
+    """With init_invert_t = init_t (deterministic) the solver's first step is the first with t ≤ init_t and its latent
+    is the RNRI inversion of encode(A⁺y) (no noise added, whatever the seed); the plain start runs every step."""
     prior, op, _, y, c, uc = bed
     cfg = config(steps=20, cfg_guidance=2.0, init="inversion", init_t=500, init_invert_t=500)
     first = next(i for i, (t, _, _) in enumerate(schedule(prior.alphas_cumprod, 20)) if t <= 500)

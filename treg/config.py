@@ -84,7 +84,8 @@ def _coerce(value, kind, key, source):
     if typing.get_origin(kind) is typing.Union or type(kind).__name__ == "UnionType":
         options = [k for k in typing.get_args(kind) if k is not type(None)]
         return value if value is None else _coerce(value, options[0], key, source)
-    if kind in (int, float, bool, str, dict) and not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+    if (kind in (int, float, bool, str, dict) and not isinstance(value, kind)
+            or (kind is int and isinstance(value, bool))):
         raise ConfigError(f"{source}: '{key}' must be {kind.__name__}, got {value!r}")
     return value
 

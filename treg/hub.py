@@ -49,7 +49,8 @@ def locate(source, what, flag, probe="config.json"):
             raise ModelUnavailable(f"the {what} '{source}' is a file; {flag} takes a model folder or a hub id")
         return str(path), True
     if not source.strip() or looks_like_path(source):
-        raise ModelUnavailable(f"the {what} folder '{source}' does not exist; give {flag} an existing folder or a hub id")
+        raise ModelUnavailable(f"the {what} folder '{source}' does not exist; "
+                               f"give {flag} an existing folder or a hub id")
     from huggingface_hub import HfApi, try_to_load_from_cache
     from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError
     try:
@@ -58,7 +59,8 @@ def locate(source, what, flag, probe="config.json"):
         raise ModelUnavailable(f"the {what} '{source}' is neither an existing folder nor a valid hub id") from None
     if isinstance(cached, str):
         return source, True
-    advice = f"download it once with `hf download {source}` where the hub is reachable, or point {flag} at a local folder"
+    advice = (f"download it once with `hf download {source}` where the hub is reachable, "
+              f"or point {flag} at a local folder")
     if offline():
         raise ModelUnavailable(f"the {what} '{source}' is not in the local Hugging Face cache and HF_HUB_OFFLINE is "
                                f"set; {advice}")

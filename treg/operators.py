@@ -210,7 +210,8 @@ def fft_size(n):
 
 
 def convolution_matrix(taps, n):
-    """(n, n) float64 matrix of the 1-D zero-boundary "same" convolution with odd-length `taps`: T[i, m] = taps[i+c−m]."""
+    """(n, n) float64 matrix of the 1-D zero-boundary "same" convolution with odd-length `taps`:
+    T[i, m] = taps[i+c−m]."""
     c = len(taps) // 2
     lag = np.arange(n)[:, None] + c - np.arange(n)[None, :]
     return np.where((lag >= 0) & (lag < len(taps)), np.asarray(taps)[np.clip(lag, 0, len(taps) - 1)], 0.0)
@@ -348,7 +349,8 @@ def file_mask(image_size, path: str):
             grey = image.convert("L").resize((image_size, image_size), Image.NEAREST)
     except OSError as error:
         reason = error.strerror or error
-        raise ValueError(f"inpainting mask must be 'box', 'random' or a readable image file; {path!r}: {reason}") from None
+        raise ValueError(f"inpainting mask must be 'box', 'random' or a readable image file; "
+                         f"{path!r}: {reason}") from None
     return torch.from_numpy(np.asarray(grey) > 127).float()
 
 

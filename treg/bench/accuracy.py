@@ -52,7 +52,8 @@ def markdown(rows, tasks, args):
     """The table, preceded by one line per task describing its prior."""
     lines = [f"Accuracy against the exact posterior: {args.image_size}², {args.seeds} seeds, null prompt "
              f"\"{NULL_PROMPT}\". residual = ‖y − A x̂‖/(σ√m); landed = counts per detail (off = posterior weight "
-             f"< {ACCURACY_SUPPORT:g}) / what the exact posterior expects. See `python -m treg bench accuracy --help`.", ""]
+             f"< {ACCURACY_SUPPORT:g}) / what the exact posterior expects. "
+             "See `python -m treg bench accuracy --help`.", ""]
     for name, info in tasks.items():
         lines.append(f"- {name}: {len(info['captions'])}² components, details in the {info['kind']} of A∘decode "
                      f"({info['null_dims']} null dims of {info['latent_dims']}), {info['separation_over_std']:.0f} s "

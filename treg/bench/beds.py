@@ -535,7 +535,8 @@ def accuracy_task(task_name, args, bar):
             detail = dict(zip(captions, info["details"]))  # caption → short name (the image's stem)
             expected = {detail[cap]: sum(weights[j, i].item() for j in range(len(seeds)) for i, cp in
                                          enumerate(prior.captions) if cp == cap) for cap in captions}
-            counts = {detail[cap]: sum(r["landed_caption"] == cap and r["posterior_weight"] >= ACCURACY_SUPPORT for r in mine)
+            counts = {detail[cap]: sum(r["landed_caption"] == cap and r["posterior_weight"] >= ACCURACY_SUPPORT
+                                       for r in mine)
                       for cap in captions}
             counts["off"] = sum(r["posterior_weight"] < ACCURACY_SUPPORT for r in mine)
             row |= {"residual": _mean(r["residual"] for r in mine), "residual_max": max(r["residual"] for r in mine),

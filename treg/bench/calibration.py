@@ -352,7 +352,8 @@ def guided_rows(bed, rows, laws, prompt, consistent=False):
             continue
         s = r["stats"]
         law = laws[prompt, r["w"]]["law"]
-        tv_cfg = ci(s["tv_cfg"]) if "tv_cfg" in s else f"{0.5 * np.abs(np.array(law) - r['runs']['target']).sum():.2f} (laws)"
+        tv_cfg = (ci(s["tv_cfg"]) if "tv_cfg" in s
+                  else f"{0.5 * np.abs(np.array(law) - r['runs']['target']).sum():.2f} (laws)")
         landed = "/".join(f"{s[f'landed_{c}'][0]:.2f}" for c in bed.captions)
         target = "/".join(f"{v:.2f}" for v in r["runs"]["target"])
         last = ci(s["consistent"]) if consistent else ci(s[f"landed_{prompt}"])

@@ -297,7 +297,8 @@ def composed(args, folder):
         outside_per_step = {k: (v["operator_s"] + v["other_s"]) / tiny["settings"]["steps"]
                             for k, v in tiny["solvers"].items()} if tiny["settings"]["image_size"] == size else {}
     except (OSError, ValueError, KeyError) as err:
-        raise SystemExit(f"error: --outside_from {args.outside_from}: not a speed-benchmark report ({type(err).__name__})")
+        raise SystemExit(f"error: --outside_from {args.outside_from}: "
+                         f"not a speed-benchmark report ({type(err).__name__})")
     rows, refused = {}, {}
     for solver in solvers:
         schedule_steps = yaml.safe_load((ROOT / f"configs/solver/{solver}.yaml").read_text())["steps"]

@@ -4,8 +4,8 @@ A sweep is a shell loop over solve.py, one workdir per setting; then gather them
 
     for w in 0 2.5 5; do for lr in 5e-4 1e-3; do
       python solve.py --model analytic --task_config configs/task/super-resolution.yaml --img_path samples \
-        --null_prompt "out of focus, depth of field" --prompt "a photo of a cat" --cfg_guidance $w --null_lr $lr --use_AN \
-        --workdir runs/sweep/w${w}_lr${lr}
+        --null_prompt "out of focus, depth of field" --prompt "a photo of a cat" --cfg_guidance $w --null_lr $lr \
+        --use_AN --workdir runs/sweep/w${w}_lr${lr}
     done; done
     python -m treg gather runs/sweep
 
@@ -180,7 +180,8 @@ def plot(rows, metric, x, lines, keys, with_method, path):
     from treg.runs import fmt
     if not numeric:
         ax.set_xticks(range(len(values)), [fmt(v) for v in values])
-    ax.set(xlabel=x, ylabel=f"{metric} (mean over images)", title=f"{metric} vs {x}" + f", by {lines}" * (lines in keys))
+    ax.set(xlabel=x, ylabel=f"{metric} (mean over images)",
+           title=f"{metric} vs {x}" + f", by {lines}" * (lines in keys))
     ax.grid(alpha=0.3)
     if any(groups):
         ax.legend()

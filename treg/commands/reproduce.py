@@ -69,7 +69,8 @@ def parse_args(argv=None):
     p = solve.Parser(prog="python -m treg reproduce", description=__doc__,  # one-line errors
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--food101", type=Path, required=True, help="Food-101 folder (images/ and meta/, or the folder holding food-101/)")
+    a("--food101", type=Path, required=True,
+      help="Food-101 folder (images/ and meta/, or the folder holding food-101/)")
     a("--out", type=Path, default=Path("runs/paper"), help="output folder (default: %(default)s)")
     a("--limit", type=int, help="only the first N test images of each class (a quick look)")
     a("--steps", type=int, help="DDIM steps of every method (default: each YAML's, 200)")
@@ -96,7 +97,8 @@ def plan(args):
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in names if m not in METHODS]
     if unknown or not names:
-        raise ConfigError(f"--methods: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(METHODS)}")
+        raise ConfigError(f"--methods: unknown {', '.join(unknown) or '(none given)'}; "
+                          f"choose from {', '.join(METHODS)}")
     skipped = [m for m in names if m in PIXEL_METHODS and not args.pixel_model]
     if skipped:
         print(f"note: {', '.join(skipped)} skipped: they need --pixel_model (an unconditional pixel diffusion model)",
@@ -169,7 +171,8 @@ def estimate(todo, skip_existing, steps):
     cost = f"{total / 3600:.1f} h" if total >= 3600 else f"{total / 60:.1f} min"
     return (f"treg.reproduce: {left} solves in {len(todo)} runs, estimated {cost} on one device "
             f"({measured} timed from finished images in this --out; the other {left - measured} at a guessed "
-            f"{GPU_SECONDS_PER_UNIT} s per UNet-pass equivalent, SD-1.5 fp16 at 512² on an A100-class GPU, not measured)")
+            f"{GPU_SECONDS_PER_UNIT} s per UNet-pass equivalent, SD-1.5 fp16 at 512² on an A100-class GPU, "
+            "not measured)")
 
 
 def available_metrics(names, args):

@@ -41,7 +41,8 @@ def main(argv=None):
             import torch
             start = time.perf_counter()
             dtype = torch.float32 if args.fp32 else torch.float16
-            folder = tiny.build_full_size_sd(args.folder, args.seed, dtype, log=lambda line: print(line, file=sys.stderr))
+            folder = tiny.build_full_size_sd(args.folder, args.seed, dtype,
+                                             log=lambda line: print(line, file=sys.stderr))
             print(f"{folder}: {tiny.folder_bytes(folder) / 1e9:.2f} GB on disk, {time.perf_counter() - start:.0f} s",
                   file=sys.stderr)
             print(folder)

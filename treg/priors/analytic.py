@@ -34,7 +34,8 @@ M⁺b is the minimum-norm solution of MᵀM u = Mᵀb, found by CG from u = 0 (~
 sides, ~0.5 s of one CPU core at 512²; cached per latent size). Blur and inpainting see part of the detail, so
 there the measurement can prefer a component. When ×16 does not divide 8h (×16 at 32 px, a 2×2 measurement, is
 fine) the largest of ×8, ×4 that divides it is used; for a non-square size the components are the plain image
-means, μ_(i,k) = encode(x_k); `shared_scales` records what each size got. `AnalyticPrior(captions, means=...)` uses given means as they are.
+means, μ_(i,k) = encode(x_k); `shared_scales` records what each size got. `AnalyticPrior(captions, means=...)`
+uses given means as they are.
 s = 0.03 for `from_folder`: TReg stops data consistency at 85% of its steps and its output keeps about 0.7·s of
 prior noise in every latent direction, visible (pixel noise ≈ 1.15·s) and measured (with README flags, SR×16 of
 cat_1.jpg at 512²: residual 3.4× the noise floor at s = 0.1, 1.3× at s = 0.03); the details of a group stay
@@ -68,7 +69,8 @@ STOP_WORDS = frozenset("a an the of on in at to by for with and or from is are".
 
 
 def sd15_alphas_cumprod(num_train=1000):
-    """SD-1.5 "scaled_linear" schedule in float32 as diffusers builds it: β = linspace(√0.00085, √0.012)², ᾱ = Π(1−β)."""
+    """SD-1.5 "scaled_linear" schedule in float32 as diffusers builds it: β = linspace(√0.00085, √0.012)²,
+    ᾱ = Π(1−β)."""
     betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, num_train, dtype=torch.float32) ** 2
     return torch.cumprod(1 - betas, dim=0)
 

@@ -1,13 +1,15 @@
 """Pixel-space priors behind the latent prior interface (treg.priors): the "latent" is the image itself.
 
 Both priors here have latent_channels = 3, vae_scale_factor = 1 and identity encode/decode, so every solver runs on
-them unchanged (pixel TReg is TReg with the identity VAE) and the fast solvers (treg.solvers.fast) use the operator itself.
+them unchanged (pixel TReg is TReg with the identity VAE) and the fast solvers (treg.solvers.fast) use the operator
+itself.
 
     PixelDiffusion        a diffusers UNet2DModel with its scheduler (the DDPM pipeline folders on the hub, e.g.
                           google/ddpm-celebahq-256); unconditional, so `eps` ignores the text and `embed` returns
                           a placeholder; it has no CLIP image encoder, so adaptive negation is unavailable.
-    AnalyticPixelPrior    the analytic prior (treg.priors.analytic) with the identity "VAE": a Gaussian mixture directly on
-                          pixels, with its exact ε, text weights and exact posterior (treg.priors.posterior works as is).
+    AnalyticPixelPrior    the analytic prior (treg.priors.analytic) with the identity "VAE": a Gaussian mixture
+                          directly on pixels, with its exact ε, text weights and exact posterior
+                          (treg.priors.posterior works as is).
 """
 import json
 from pathlib import Path

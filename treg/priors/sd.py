@@ -63,7 +63,8 @@ class StableDiffusion:
     def image_features(self, x):
         """Projected CLIP image embedding, with the official preprocessing (bicubic resize, [0,1], CLIP mean/std)."""
         if self.image_encoder is None:
-            raise PriorUnavailable("adaptive negation needs a CLIP image encoder; load the prior with image_encoder=...")
+            raise PriorUnavailable("adaptive negation needs a CLIP image encoder; "
+                                   "load the prior with image_encoder=...")
         size = self.image_encoder.config.image_size
         x = F.interpolate(x.float(), size=(size, size), mode="bicubic", align_corners=True)
         x = (x + 1) / 2

@@ -163,5 +163,6 @@ def build_tiny_pixel(folder, seed=0):
                 norm_num_groups=8, attention_head_dim=8).save_pretrained(folder / "unet")
     DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear").save_pretrained(folder / "scheduler")
     (folder / "model_index.json").write_text(json.dumps({
-        "_class_name": "DDPMPipeline", "scheduler": ["diffusers", "DDPMScheduler"], "unet": ["diffusers", "UNet2DModel"]}))
+        "_class_name": "DDPMPipeline", "scheduler": ["diffusers", "DDPMScheduler"],
+        "unet": ["diffusers", "UNet2DModel"]}))
     return folder

@@ -129,8 +129,9 @@ def rnri(prior, z0, cfg, *, c, uc, generator=None, callback=None):
     iterate starts at the known later latent x' (:330), which is u⁰ = √(ᾱ/ᾱ')·z' here; its loss |F − x| −
     α·log N(F; z0, φ(ᾱ)²) (:305-316, :339) is ℓ/√ᾱ with ℓ = rnri_loss at prior weight α·√ᾱ, so its selection (:343)
     and its step x ← x − (L/D)/∂L/∂x (:348; D = 64·64·4 there, one image's latent size, per image here) are
-    rnri_loss's with that weight. "vp" takes the step in VP latents instead: u⁰ = z' (so candidate 0 is DDIM inversion) and the constant weight α, a prior term up to 1/√ᾱ = 13×
-    stronger at high noise (t = 981 of 50 steps). Measured against each other in assets/inversion.md."""
+    rnri_loss's with that weight. "vp" takes the step in VP latents instead: u⁰ = z' (so candidate 0 is DDIM
+    inversion) and the constant weight α, a prior term up to 1/√ᾱ = 13× stronger at high noise (t = 981 of 50
+    steps). Measured against each other in assets/inversion.md."""
     # 1. clean latent, optionally prompt-adjusted; it also anchors the prior term of the loss
     z0, c, uc = _prepare(prior, z0, cfg, c, uc, generator)
     z = z0
