@@ -23,7 +23,8 @@ def bed():
 
 
 def test_bed_posterior_agrees_with_the_cg_posterior(bed):
-    """Dense means, weights and covariance (eigenbasis of MᵀM) against treg.priors.posterior's matrix-free CG version."""
+    """Dense means, weights and covariance (eigenbasis of MᵀM) against treg.priors.posterior's matrix-free CG
+    version."""
     cg = exact_posterior(bed.prior, bed.op, bed.y, "", bed.sigma)
     torch.testing.assert_close(bed.means, cg.means.flatten(1), rtol=0, atol=1e-9)
     weights = bed.tilted_log_weights("", 0.0).exp()

@@ -1,6 +1,6 @@
-"""CCI's scalar coefficients (treg.solvers.fast.cci_coefficients, cci_table, _noisy_coefficients) against closed forms and
-adaptive quadrature, where tests/test_fast.py checks them only through the solves. Written from mutation testing
-(tests/mutation/run.sh)."""
+"""CCI's scalar coefficients (treg.solvers.fast.cci_coefficients, cci_table, _noisy_coefficients) against closed
+forms and adaptive quadrature, where tests/test_fast.py checks them only through the solves. Written from mutation
+testing (tests/mutation/run.sh)."""
 import math
 
 import torch

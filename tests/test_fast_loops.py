@@ -101,8 +101,9 @@ def decoded_bed():
 
 def test_pigdm_through_the_decoder_replays_the_step_with_a_dense_decoder_and_pixel_gain(decoded_bed):
     """Without an H on the latent (Stable Diffusion's case): the start μ₀·encode(A⁺y) + σ₀·n (encode = the dense
-    pinv of the decoder's matrix D plus its draw from the solver's generator), the guidance (∂x̂0/∂x)ᵀ Mᵀ (AAᵀ + cI)⁻¹(y − M x̂0) with M = A·D and the gain of
-    the PIXEL operator (dense AAᵀ), c = (σ_y/σ)², and ΠGDM's weight ∫½w·e^{b/2} db by quadrature."""
+    pinv of the decoder's matrix D plus its draw from the solver's generator), the guidance
+    (∂x̂0/∂x)ᵀ Mᵀ (AAᵀ + cI)⁻¹(y − M x̂0) with M = A·D and the gain of the PIXEL operator (dense AAᵀ), c = (σ_y/σ)²,
+    and ΠGDM's weight ∫½w·e^{b/2} db by quadrature."""
     from scipy.integrate import quad
     from treg.solvers.fast import start_grid
     prior, op, y, uc, c = decoded_bed
@@ -143,7 +144,8 @@ def test_ddrm_refuses_a_prior_without_latent_h_and_an_operator_without_svd(decod
     fn, config = SOLVERS["ddrm"]
     cfg = dataclasses.replace(config(), sigma_y=0.01, steps=2)
     with pytest.raises(ConfigError, match=r"^ddrm needs the measurement as a linear map of the diffusion variable: "
-                                          r"use a pixel prior or the analytic prior \(Stable Diffusion's decoder is nonlinear\)$"):
+                                          r"use a pixel prior or the analytic prior "
+                                          r"\(Stable Diffusion's decoder is nonlinear\)$"):
         fn(prior, op, y, cfg, c=c, uc=uc)
     pixel = AnalyticPixelPrior.from_folder()
     motion = build_operator("blur", 16, kernel="motion", kernel_size=9, intensity=0.5, seed=0)
@@ -189,8 +191,8 @@ def test_the_model_sees_the_measurements_dtype(name, bed, monkeypatch):
 
 def test_cci_starts_from_the_inverted_start_when_asked(bed):
     """init = inversion: the first x̂0 is tweedie of the inverted start its docstring names, built here from
-    treg.solvers.inversion.measurement_start: RNRI with 50 unshifted DDIM steps and the solver's text guidance (3, not the
-    inversion's default 2) down to init_invert_t, re-noised to ᾱ_{k_start}, with the same generator; not of
+    treg.solvers.inversion.measurement_start: RNRI with 50 unshifted DDIM steps and the solver's text guidance (3, not
+    the inversion's default 2) down to init_invert_t, re-noised to ᾱ_{k_start}, with the same generator; not of
     μ₀·H⁺y + σ₀·n."""
     from treg.solvers.inversion import InversionConfig, measurement_start
     prior, op, y, uc, c, _ = bed
