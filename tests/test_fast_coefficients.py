@@ -59,3 +59,16 @@ def test_table_columns_at_r_zero_and_infinity_are_the_closed_forms_and_keep_r_sh
                                  ((1, 0, 2), unmeasured), ((0, 0, 2), noisy), ((1, 0, 0), noisy)]:
                 expected = value[key]
                 assert abs(got[index].item() - expected) <= 1e-9 * max(1.0, abs(expected)), (key, b, index)
+
+
+def test_noisy_coefficients_fill_every_r_when_r_spans_several_passes():
+    """_noisy_coefficients works through r in passes of ~32 MB of temporaries; with 200 nodes per panel a pass holds
+    ~400 values of r, so 1,500 values take four passes and every column must equal the column of its r alone (a blur
+    at 512² has 786,432 values of r)."""
+    from treg.solvers.fast import _noisy_coefficients
+    levels, w = [1.63, 0.7, 0.2], 15.0
+    r = torch.logspace(-2, 4, 1500, dtype=torch.float64)
+    whole = _noisy_coefficients(levels, w, r, nodes=200)
+    for j in (0, 700, 1499):
+        torch.testing.assert_close(whole[..., j], _noisy_coefficients(levels, w, r[j:j + 1], nodes=200)[..., 0],
+                                   rtol=1e-12, atol=0)
