@@ -1,6 +1,5 @@
 """The peers' solvers (treg.solvers.peers) against independent constructions: DiffPIR's update written out here with a
 dense data step, and its behaviour across seeds on the calibration bed's exact posterior."""
-import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -136,6 +135,7 @@ def test_diffpir_on_the_calibration_bed_lands_as_measured(bed):
     p = BED_STRIPED / BED_DRAWS
     se = (p * (1 - p) / BED_DRAWS) ** 0.5
     low, high = binom.ppf(5e-4, n, p - 3 * se), binom.isf(5e-4, n, p + 3 * se)
-    assert low <= (landed == main).sum() <= high and low <= weights[main] * n <= high, ((landed == main).sum(), low, high)
+    count = int((landed == main).sum())
+    assert low <= count <= high and low <= weights[main] * n <= high, (count, low, high)
     residual = bed.residuals(z).mean().item()
     assert abs(residual - BED_RESIDUAL) < 0.15, residual
