@@ -29,16 +29,29 @@ def test_yaml_spells_out_the_defaults_and_sigma_y_comes_from_the_task():
         diffpir(prior, op, op.A(torch.zeros(1, 3, 16, 16)), cfg, c=prior.embed(["a cat"]), uc=prior.embed([""]))
 
 
+def test_sigma_y_zero_is_the_official_codes_floor():
+    """σ_n = max(σ_y/2, 0.001) (official code: sigma = max(0.001, noise_level_img)): σ_y = 0 solves as σ_y = 0.002
+    exactly, and a larger σ_y differs."""
+    prior = AnalyticPrior.from_folder()
+    op = build_operator("super_resolution", 16, scale=4).double()
+    y = op.A(load_image(ROOT / "samples/cat_1.jpg", 16).double())
+    uc, c = prior.embed(["", "a photo of a cat"]).double().chunk(2)
+    solve = lambda s: diffpir(prior, op, y, DiffPIRConfig(steps=3, sigma_y=s), c=c, uc=uc,
+                              generator=torch.Generator().manual_seed(0))
+    floor = solve(0.0)
+    assert torch.isfinite(floor).all() and torch.equal(floor, solve(0.002)) and not torch.equal(floor, solve(0.004))
+
+
 # Known-wrong DiffPIRs, each one expression of treg.solvers.peers.diffpir's source replaced (beds.patched_copy)
 KNOWN_WRONG = {
-    "no fresh noise": ("+ cfg.zeta ** 0.5 * noise)", ")"),
-    "ζ for √ζ": ("cfg.zeta ** 0.5 * noise", "cfg.zeta * noise"),
-    "ρ_t without σ_n²": ("diffpir_rho(cfg.lam, cfg.sigma_y, a)", "cfg.lam * a / (1 - a)"),
-    "σ_n = σ_y": ("diffpir_rho(cfg.lam, cfg.sigma_y, a)", "diffpir_rho(cfg.lam, 2 * cfg.sigma_y, a)"),
-    "deepinv's 2ρ_t": ("diffpir_rho(cfg.lam, cfg.sigma_y, a)", "2 * diffpir_rho(cfg.lam, cfg.sigma_y, a)"),
-    "σ̄ at t'": ("diffpir_rho(cfg.lam, cfg.sigma_y, a)", "diffpir_rho(cfg.lam, cfg.sigma_y, a_prev)"),
-    "no re-encoding": ("z0y = prior.encode(x0y, generator)", "z0y = z0"),
-    "Tweedie ε for ε̂": ("eps_hat = (z - a ** 0.5 * z0y) / (1 - a) ** 0.5", "eps_hat = eps"),
+    "no-fresh-noise": ("+ cfg.zeta ** 0.5 * noise)", ")"),
+    "zeta-for-sqrt-zeta": ("cfg.zeta ** 0.5 * noise", "cfg.zeta * noise"),
+    "rho-without-sigma": ("diffpir_rho(cfg.lam, cfg.sigma_y, a)", "cfg.lam * a / (1 - a)"),
+    "sigma-n-unhalved": ("diffpir_rho(cfg.lam, cfg.sigma_y, a)", "diffpir_rho(cfg.lam, 2 * cfg.sigma_y, a)"),
+    "deepinv-2rho": ("diffpir_rho(cfg.lam, cfg.sigma_y, a)", "2 * diffpir_rho(cfg.lam, cfg.sigma_y, a)"),
+    "sigmabar-at-t-prev": ("diffpir_rho(cfg.lam, cfg.sigma_y, a)", "diffpir_rho(cfg.lam, cfg.sigma_y, a_prev)"),
+    "no-reencoding": ("z0y = prior.encode(x0y, generator)", "z0y = z0"),
+    "tweedie-eps-for-eps-hat": ("eps_hat = (z - a ** 0.5 * z0y) / (1 - a) ** 0.5", "eps_hat = eps"),
 }
 
 
@@ -121,9 +134,9 @@ def test_diffpir_on_the_calibration_bed_lands_as_measured(bed):
     binomial interval of level 1 − 1e-3 for p at either end of the measured p ± 3 s.e. (false-failure rate ≤ 0.1 %,
     +0.3 % for p's estimate); the exact posterior's 0.6 lies inside it. (3) The mean residual lies within
     3.990 ± 0.15 noise floors, ±5.8 standard errors of a 64-seed mean (false failure < 1e-7). Known-wrong variants
-    (KNOWN_WRONG, seeds 0–63) miss: no fresh noise 59 striped and residual 0.47, ζ for √ζ 56 and 1.34, ρ_t without
-    σ_n² and no re-encoding land in the rocket 15 times (residual 17), σ_n = σ_y 5.15, deepinv's 2ρ_t 4.62, σ̄ at
-    t' 4.91, Tweedie ε for ε̂ 2.12."""
+    (KNOWN_WRONG, seeds 0–63) miss: no-fresh-noise 59 striped and residual 0.47, zeta-for-sqrt-zeta 56 and 1.34,
+    rho-without-sigma and no-reencoding land in the rocket 15 times (residual 17), sigma-n-unhalved 5.15,
+    deepinv-2rho 4.62, sigmabar-at-t-prev 4.91, tweedie-eps-for-eps-hat 2.12."""
     n = 64
     ex = bench.Experiment(bed, list(range(n)))
     z, nfe, _ = ex.solve(diffpir, bench.solver_config("diffpir", 100, 0.0), "")
