@@ -32,7 +32,7 @@ def diffpir_rho(lam, sigma_y, a):
 class DiffPIRConfig:
     """DiffPIR (Zhu et al., CVPRW 2023): Tweedie estimate, a proximal data step, DDIM-style re-noising with a share ζ
     of fresh noise. λ and ζ are deepinv.sampling.DiffPIR's defaults, λ read in the paper's ρ_t (see `diffpir`)."""
-    steps: int = bounded(100, 1, 1000)          # NFE 100 (paper; official iter_num = 100; deepinv max_iter = 100)
+    steps: int = bounded(100, 1, 1000)          # the paper's 100 NFE (official iter_num 100; deepinv max_iter 100)
     cfg_guidance: float = bounded(4.0, 0, 100)  # w of ε̂ (project default, as TReg's CLI); 0 = null text only
     official_shift: bool = True                 # TReg's ᾱ_{t-1} indexing (see treg.diffusion.schedule)
     lam: float = bounded(7.0, 0, 1e6, low_open=True)  # λ in ρ_t = λσ_n²/σ̄_t² (deepinv lambda_=7.0)
