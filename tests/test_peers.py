@@ -108,6 +108,34 @@ def test_diffpir_replays_algorithm_1_with_a_dense_data_step():
     assert ((default_cg - out).norm() / out.norm()).item() < 1e-5
 
 
+def test_diffpir_reads_official_shift_counts_steps_and_encodes_with_its_generator(tiny_prior):
+    """official_shift = false: step 0's ẑ0 is Tweedie at ᾱ_667 itself (not ᾱ_666), and the callback counts i = 0, 1, 2.
+    On the tiny Stable Diffusion, whose encode samples the VAE posterior, two solves with the same generator give the
+    same image whatever the global RNG's state: every draw, re-encoding included, comes from the solver's generator."""
+    prior = AnalyticPrior.from_folder()
+    op = build_operator("super_resolution", 16, scale=4).double()
+    y = op.A(load_image(ROOT / "samples/cat_1.jpg", 16).double())
+    uc, c = prior.embed(["", "a photo of a cat"]).double().chunk(2)
+    cfg = DiffPIRConfig(steps=3, cfg_guidance=2.0, official_shift=False, sigma_y=0.05)
+    seen = []
+    diffpir(prior, op, y, cfg, c=c, uc=uc, generator=torch.Generator().manual_seed(5), callback=seen.append)
+    assert [info["i"] for info in seen] == [0, 1, 2] and seen[0]["t"] == 667
+    a = prior.alphas_cumprod[667].item()
+    z = seen[0]["z"].double()
+    eps = prior.eps(z, 667, uc) + 2.0 * (prior.eps(z, 667, c) - prior.eps(z, 667, uc))
+    torch.testing.assert_close(seen[0]["z0"], (z - (1 - a) ** 0.5 * eps) / a ** 0.5, rtol=1e-10, atol=0)
+
+    op = build_operator("super_resolution", 64, scale=4)
+    y = op.A(load_image(ROOT / "samples/cat_1.jpg", 64))
+    uc, c = tiny_prior.embed(["", "a photo of a cat"]).chunk(2)
+    outs = []
+    for global_seed in (0, 1):
+        torch.manual_seed(global_seed)
+        outs.append(diffpir(tiny_prior, op, y, DiffPIRConfig(steps=2, sigma_y=0.01), c=c, uc=uc,
+                            generator=torch.Generator().manual_seed(3)))
+    assert torch.equal(outs[0], outs[1])
+
+
 @pytest.mark.parametrize("name", list(KNOWN_WRONG))
 def test_the_replay_catches_each_known_wrong_diffpir(name):
     error, _ = replay_errors(cal.patched_copy(diffpir, *KNOWN_WRONG[name]))
