@@ -134,9 +134,10 @@ def daps(prior, op, y, cfg, *, c, uc, generator=None, callback=None):
         (1) x̂0 = the PF-ODE dx/dσ = ε̂(√ᾱ x, t) from σ_i down to ode_sigma_min, by ode_steps Euler steps on the
             poly-7 ramp between them (intermediate σ snapped to timesteps); an Euler step in VE is exactly a
             deterministic DDIM step in VP. ε̂ is classifier-free guided (w = cfg_guidance).
-        (2) K Langevin steps from x0 = x̂0 on log N(x0; x̂0, r_i² I) + log N(y; A D(x0), τ² I), r_i = σ_i:
+        (2) K Langevin steps from x0 = x̂0 on log N(x0; x̂0, r_i² I) + log N(y; A D(x0), τ² I), r_i = σ_i
+            (mcmc.py:46-50 with the "gaussian" prior score of 71-72: (x_t − x0)/σ² + (x̂0 − x_t)/σ²):
             x0 ← x0 + η_i·[(x̂0 − x0)/r_i² − ∇‖y − A D(x0)‖²/(2τ²)] + √(2η_i)·ε,
-            η_i = lr·(1 + (i/(N + 1))·(lr_min_ratio − 1)) (mcmc.py:87-88, 174-180 with sampler.py:73); the gradient
+            η_i = lr·(1 + (i/(N + 1))·(lr_min_ratio − 1)) (mcmc.py:87-88, 174-180 with sampler.py:178); the gradient
             flows through the decoder D = prior.decode (a pixel prior's D is I).
         (3) x_{i+1} = x0 + σ_{i+1}·ε with fresh ε; after the last level, none (σ_N = 0).
 
