@@ -298,7 +298,7 @@ DAPS_STRIPED, DAPS_DRAWS, DAPS_RESIDUAL = 1354, 2000, 1.204
 
 
 def test_daps_stochastic_steps_follow_their_exact_laws_on_the_calibration_bed(bed):
-    """64 seeds, the YAML's defaults (50 levels, K = 30, τ = σ_y = 0.01), w = 0; 8 s on one thread. (1) Every
+    """64 seeds, the YAML's defaults (50 levels, K = 30, τ = σ_y = 0.01), w = 0; 8-10 s on one thread. (1) Every
     level's Langevin sample (measured and null coordinates apart) and re-noising pass their exact χ² tests
     (daps_level_pvalues), Bonferroni at a familywise 1e-3: false-failure rate ≤ 1e-3 (float32 rounding moves a
     level's statistic by 6e-6 of its s.d.). Seen: smallest p 0.0024 of the 149 (Bonferroni 0.35). (2) NFE 100 per
