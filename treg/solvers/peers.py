@@ -4,21 +4,26 @@
 
     DiffPIR  Zhu, Zhang, Liang, Cao, Wen, Timofte, Van Gool, "Denoising Diffusion Models for Plug-and-Play Image
              Restoration", CVPR workshops (NTIRE) 2023, arXiv 2305.08995
+    DAPS     Zhang, Chu, Berner, Meng, Anandkumar, Song, "Improving Diffusion Inverse Problem Solving with Decoupled
+             Noise Annealing", CVPR 2025, arXiv 2407.01521 (Latent DAPS on latent priors)
 
 Units. σ_y (the task's noise_scale) is a std on [-1,1] images. The DiffPIR paper and its official code state the
 noise on [0,1] images (σ_n = 12.75/255 = 0.05 for the noisy tasks, added as 2σ_n on [-1,1]), and deepinv does the
-same, so σ_n = σ_y/2 here: a λ means what it means in the paper.
+same, so σ_n = σ_y/2 here: a λ means what it means in the paper. DAPS's likelihood std τ is σ_y itself (the
+official code adds the measurement noise with the same std on [-1,1] images).
 """
 import dataclasses
+import math
 
 import torch
 
 from treg.config import ConfigError, bounded
-from treg.diffusion import guided_eps, randn, schedule, tweedie
+from treg.diffusion import ddim_step, guided_eps, randn, schedule, tweedie
 from treg.linalg import prox
 from treg.solvers.latent import _start
 
 SIGMA_N_FLOOR = 0.001  # official code: sigma = max(0.001, noise_level_img) (main_ddpir_sisr.py), [0,1] units
+TAU_FLOOR = 0.01       # DAPS: the official τ, fixed at 0.01 in every task config (configs/task/*.yaml, tau: 0.01)
 
 
 def diffpir_rho(lam, sigma_y, a):
@@ -84,3 +89,98 @@ def diffpir(prior, op, y, cfg, *, c, uc, generator=None, callback=None):
         if callback:
             callback({"i": i, "steps": cfg.steps, "t": t, "z": z_t, "z0": z0, "eps": eps, "x0y": x0y})
     return prior.decode(z0y)
+
+
+def daps_sigmas(sigma_max, sigma_min, steps, rho=7):
+    """EDM's "poly-ρ" ramp σ(r) = (σ_max^(1/ρ) + r·(σ_min^(1/ρ) − σ_max^(1/ρ)))^ρ at r = k/steps, k = 0..steps: the
+    official EDMScheduler grid (DAPS cores/scheduler.py:278, 312-315), both ends included."""
+    top, bottom = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    return [(top + k / steps * (bottom - top)) ** rho for k in range(steps + 1)]
+
+
+def nearest_level(alphas_cumprod, sigma):
+    """(t, ᾱ_t) of the timestep whose VE noise level σ_t = √((1 − ᾱ_t)/ᾱ_t) is nearest to σ in log σ: a DAPS noise
+    level on our discrete VP schedule (z = √ᾱ·x for a VE state x). σ outside [σ_0, σ_{T−1}] snaps to that end."""
+    ac = alphas_cumprod.double().cpu()
+    t = int((((1 - ac) / ac).log() / 2 - math.log(sigma)).abs().argmin())  # |log σ_t − log σ|
+    return t, ac[t].item()
+
+
+@dataclasses.dataclass
+class DAPSConfig:
+    """Latent DAPS (Zhang et al., CVPR 2025) with Langevin dynamics, the paper's Algorithm 1. Defaults: the official
+    Stable Diffusion setting (configs/sampler/sd_edm_daps.yaml; ×4 SR's `sd` group of configs/task/down_sampling.yaml,
+    the closest official task to ours), which runs damped HMC (momentum 0.45) where this runs Langevin."""
+    steps: int = bounded(50, 1, 1000)            # annealing levels N (official num_steps 50); NFE = N·ode_steps·(CFG 2)
+    cfg_guidance: float = bounded(7.5, 0, 100)   # w of ε̂ (official SD guidance_scale 7.5); 0 = null text only
+    sigma_max: float = bounded(10.0, 0, 1e4, low_open=True)  # first annealing level, VE σ (official sigma_max 10)
+    sigma_min: float = bounded(0.1, 0, 1e4, low_open=True)   # end of the poly-7 ramp, never a level itself (0.1)
+    ode_steps: int = bounded(2, 1, 100)          # Euler steps of the PF-ODE per level (official num_steps 2)
+    ode_sigma_min: float = bounded(0.001, 0, 1)  # where the PF-ODE stops, x̂0 = x(σ) (official sigma_min 0.001)
+    langevin_steps: int = bounded(30, 0, 10000)  # K Langevin steps per level (official sd num_steps 30)
+    lr: float = bounded(1e-4, 0, 1, low_open=True)  # η, Langevin step size at the first level (official sd lr 1e-4)
+    lr_min_ratio: float = bounded(1.0, 0, 1)     # η decays linearly towards lr·lr_min_ratio (official sd: 1, none)
+    sigma_y: float | None = bounded(None, 0, 10)  # y's noise std; τ = max(σ_y, 0.01); None = the task's noise_scale
+
+
+@torch.no_grad()
+def daps(prior, op, y, cfg, *, c, uc, generator=None, callback=None):
+    """Latent DAPS, Algorithm 1 of arXiv 2407.01521 as the official code runs it (sampler.py:168-186,
+    cores/mcmc.py). The state x is a VE latent (x_i = x0 + σ_i·n; the model sees z = √ᾱ·x, ᾱ = 1/(1 + σ²)).
+    Levels σ_0 > … > σ_{N−1}: the poly-7 ramp from sigma_max to sigma_min at r = i/N, i < N (the official grid has
+    N + 1 points and replaces the last by 0: scheduler.py:39-44), each snapped to our nearest timestep
+    (`nearest_level`); this does not use `schedule`'s DDIM grid. x_0 ~ N(0, σ_0² I). Per level i:
+
+        (1) x̂0 = the PF-ODE dx/dσ = ε̂(√ᾱ x, t) from σ_i down to ode_sigma_min, by ode_steps Euler steps on the
+            poly-7 ramp between them (intermediate σ snapped to timesteps); an Euler step in VE is exactly a
+            deterministic DDIM step in VP. ε̂ is classifier-free guided (w = cfg_guidance).
+        (2) K Langevin steps from x0 = x̂0 on log N(x0; x̂0, r_i² I) + log N(y; A D(x0), τ² I), r_i = σ_i
+            (mcmc.py:46-50 with the "gaussian" prior score of 71-72: (x_t − x0)/σ² + (x̂0 − x_t)/σ²):
+            x0 ← x0 + η_i·[(x̂0 − x0)/r_i² − ∇‖y − A D(x0)‖²/(2τ²)] + √(2η_i)·ε,
+            η_i = lr·(1 + (i/(N + 1))·(lr_min_ratio − 1)) (mcmc.py:87-88, 174-180 with sampler.py:178); the gradient
+            flows through the decoder D = prior.decode (a pixel prior's D is I).
+        (3) x_{i+1} = x0 + σ_{i+1}·ε with fresh ε; after the last level, none (σ_N = 0).
+
+    Returns D(x0) of the last level. τ = max(sigma_y, 0.01): y's noise, floored at the official fixed τ = 0.01
+    (its task configs; their SD tasks' noise is 0.01 too), so that a noiseless task keeps the Langevin step stable.
+    The likelihood is ‖·‖²/(2τ²) as in the paper and the first official code (legacy sampler.py:261); the current
+    code drops the ½ (mcmc.py:46-47 with the un-halved Operator.loss: τ/√2 in effect) and clamps the latent
+    gradient to [−1, 1] (forward_operator/__init__.py:401-402); neither is kept. The callback gets z (the level's
+    model input), z0 = x̂0 and z0y = the Langevin sample.
+    """
+    if cfg.sigma_y is None:
+        raise ConfigError("daps: sigma_y is not set (solve.py sets it to the task's noise_scale)")
+    if cfg.sigma_min >= cfg.sigma_max:
+        raise ConfigError(f"daps: sigma_min {cfg.sigma_min:g} must be below sigma_max {cfg.sigma_max:g}")
+    tau, ac = max(cfg.sigma_y, TAU_FLOOR), prior.alphas_cumprod
+    levels = [nearest_level(ac, s) for s in daps_sigmas(cfg.sigma_max, cfg.sigma_min, cfg.steps)[:-1]]
+    sigma_of = lambda a: ((1 - a) / a) ** 0.5
+    n, c, uc = _start(prior, op, y, c, uc, generator)
+    x = sigma_of(levels[0][1]) * n.to(y.dtype)
+    for i, (t, a) in enumerate(levels):
+        sigma = sigma_of(a)
+        # (1) x̂0: Euler steps of the PF-ODE from σ_i to ode_sigma_min, each a DDIM step from ᾱ_k to ᾱ_{k+1}
+        ode = [(t, a)] + [nearest_level(ac, s) for s in daps_sigmas(sigma, cfg.ode_sigma_min, cfg.ode_steps)[1:-1]]
+        ends = [a_next for _, a_next in ode[1:]] + [1 / (1 + cfg.ode_sigma_min ** 2)]
+        x0_hat = x
+        for (t_k, a_k), a_next in zip(ode, ends):
+            z_k = a_k ** 0.5 * x0_hat
+            eps = guided_eps(prior, z_k, t_k, uc, c, cfg.cfg_guidance)
+            x0_hat = ddim_step(tweedie(z_k, eps, a_k), eps, a_next) / a_next ** 0.5
+        # (2) Langevin dynamics on x0 with target N(x0; x̂0, σ_i² I)·N(y; A D(x0), τ² I)
+        lr = cfg.lr * (1 + i / (cfg.steps + 1) * (cfg.lr_min_ratio - 1))
+        x0 = x0_hat
+        for _ in range(cfg.langevin_steps):
+            with torch.enable_grad():
+                v = x0.detach().requires_grad_()
+                fit = (y - op.A(prior.decode(v))).pow(2).sum() / (2 * tau ** 2)  # per-image sums
+                grad, = torch.autograd.grad(fit, v)
+            score = (x0_hat - x0) / sigma ** 2 - grad
+            x0 = x0 + lr * score + (2 * lr) ** 0.5 * randn(x.shape, generator, x.device).to(x)
+        # (3) re-noise at the next level with fresh noise
+        x_i = x
+        if i + 1 < len(levels):
+            x = x0 + sigma_of(levels[i + 1][1]) * randn(x.shape, generator, x.device).to(x)
+        if callback:
+            callback({"i": i, "steps": cfg.steps, "t": t, "z": a ** 0.5 * x_i, "z0": x0_hat, "z0y": x0})
+    return prior.decode(x0)
