@@ -45,8 +45,8 @@ from treg.solvers.latent import residual_norm
 
 NULL_PROMPT = "out of focus, depth of field"
 SETTINGS = ("true", "other", "w=0")
-METHODS = [(name, steps) for name in ("cci", "pigdm", "ddrm", "treg", "dps") for steps in (5, 10, 20)] + [
-    ("treg", 200)]
+FEW_STEP = ("cci", "pigdm", "ddrm", "treg", "dps", "diffpir", "daps")
+METHODS = [(name, steps) for name in FEW_STEP for steps in (5, 10, 20)] + [("treg", 200)]
 README_FLAGS = {"treg": {"use_AN": True, "null_lr": 1e-3}}  # the official README commands
 
 
