@@ -580,7 +580,7 @@ def test_fast_solvers_refuse_an_unset_sigma_y(name):
     with pytest.raises(ConfigError, match=f"^{name}: sigma_y is not set"):
         fn(prior, op, op.A(torch.zeros(1, 3, 16, 16)), config(), c=prior.embed(["a cat"]), uc=prior.embed([""]))
     assert with_noise(config(), 0.3).sigma_y == 0.3 and with_noise(config(sigma_y=0.0), 0.3).sigma_y == 0.0
-    other = SOLVERS["treg"][1]()  # no sigma_y field: left as it is
+    other = SOLVERS["ddim"][1]()  # no sigma_y field: left as it is
     assert with_noise(other, 0.3) == other
 
 
