@@ -2,7 +2,7 @@
 
     latent.py     DDIM, TReg, DPS, PSLD, P2L, RED-diff: one loop each, the prior and operator as arguments
     fast.py       CCI (C-ΠGDM), ΠGDM, DDRM: few-step solvers that use H⁺ of the measurement on the latents
-    peers.py      the peers' solvers: DiffPIR, DAPS (later ReSample)
+    peers.py      the peers' solvers: DiffPIR, DAPS, ReSample
     inversion.py  DDIM inversion, fixed-point and RNRI inversion, and the warm start some solvers can use
 
 Solvers never load a model: the prior arrives as an argument (treg.priors.load builds one).
@@ -13,7 +13,7 @@ from treg.config import CONFIGS, load_solver
 from treg.solvers.fast import CCIConfig, DDRMConfig, PiGDMConfig, cci, ddrm, pigdm
 from treg.solvers.latent import (DDIMConfig, DPSConfig, P2LConfig, PSLDConfig, REDDiffConfig, TRegConfig, ddim, dps,
                                  p2l, psld, reddiff, treg)
-from treg.solvers.peers import DAPSConfig, DiffPIRConfig, daps, diffpir
+from treg.solvers.peers import DAPSConfig, DiffPIRConfig, ReSampleConfig, daps, diffpir, resample
 
 SOLVERS = {
     "ddim": (ddim, DDIMConfig),
@@ -27,6 +27,7 @@ SOLVERS = {
     "ddrm": (ddrm, DDRMConfig),
     "diffpir": (diffpir, DiffPIRConfig),
     "daps": (daps, DAPSConfig),
+    "resample": (resample, ReSampleConfig),
 }
 
 

@@ -6,6 +6,8 @@
              Restoration", CVPR workshops (NTIRE) 2023, arXiv 2305.08995
     DAPS     Zhang, Chu, Berner, Meng, Anandkumar, Song, "Improving Diffusion Inverse Problem Solving with Decoupled
              Noise Annealing", CVPR 2025, arXiv 2407.01521 (Latent DAPS on latent priors)
+    ReSample Song, Kwon, Zhang, Hu, Qu, Shen, "Solving Inverse Problems with Latent Diffusion Models via Hard Data
+             Consistency", ICLR 2024, arXiv 2307.08123
 
 Units. σ_y (the task's noise_scale) is a std on [-1,1] images. The DiffPIR paper and its official code state the
 noise on [0,1] images (σ_n = 12.75/255 = 0.05 for the noisy tasks, added as 2σ_n on [-1,1]), and deepinv does the
@@ -20,7 +22,7 @@ import torch
 from treg.config import ConfigError, bounded
 from treg.diffusion import ddim_step, guided_eps, randn, schedule, tweedie
 from treg.linalg import prox
-from treg.solvers.latent import _start
+from treg.solvers.latent import _start, dps_gradient, residual_norm
 
 SIGMA_N_FLOOR = 0.001  # official code: sigma = max(0.001, noise_level_img) (main_ddpir_sisr.py), [0,1] units
 TAU_FLOOR = 0.01       # DAPS: the official τ, fixed at 0.01 in every task config (configs/task/*.yaml, tau: 0.01)
@@ -184,3 +186,128 @@ def daps(prior, op, y, cfg, *, c, uc, generator=None, callback=None):
         if callback:
             callback({"i": i, "steps": cfg.steps, "t": t, "z": a ** 0.5 * x_i, "z0": x0_hat, "z0y": x0})
     return prior.decode(x0)
+
+
+ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # torch.optim.AdamW's defaults, which the official ReSample code keeps
+
+
+def adamw_fit(loss_fn, v, lr, iters, tol, patience, weight_decay):
+    """ReSample's data-consistency optimiser on v (B, ...): at most `iters` steps of torch.optim.AdamW's update
+    (β = (0.9, 0.999), ε = 1e-8, decoupled weight decay) on the per-image losses loss_fn(v) (B,), with the official
+    stopping rules applied per image (resample/ldm/models/diffusion/ddim.py:358-368, 406-428): an image stops after
+    the step at which its loss, evaluated before that step, is < tol², or, with patience p > 0, exceeds its loss p
+    steps earlier. Stopped images are frozen, so an image's result does not depend on its batch."""
+    (b1, b2), v = ADAM_BETAS, v.detach()
+    m, s = torch.zeros_like(v), torch.zeros_like(v)
+    active, seen = torch.ones(len(v), dtype=torch.bool, device=v.device), []
+    for k in range(1, iters + 1):
+        with torch.enable_grad():
+            leaf = v.requires_grad_()
+            loss = loss_fn(leaf)
+            grad, = torch.autograd.grad(loss.sum(), leaf)
+        v, loss, on = v.detach(), loss.detach(), active.view(-1, *[1] * (v.dim() - 1))
+        m = torch.where(on, b1 * m + (1 - b1) * grad, m)
+        s = torch.where(on, b2 * s + (1 - b2) * grad ** 2, s)
+        step = lr / (1 - b1 ** k) * m / (s.sqrt() / (1 - b2 ** k) ** 0.5 + ADAM_EPS)
+        v = torch.where(on, v * (1 - lr * weight_decay) - step, v)
+        seen.append(loss)
+        stop = loss < tol ** 2
+        if patience and k > patience:
+            stop |= seen[k - 1 - patience] < loss
+        active &= ~stop
+        if not active.any():
+            break
+    return v
+
+
+@dataclasses.dataclass
+class ReSampleConfig:
+    """ReSample (Song et al., ICLR 2024): latent DPS steps; on every 10th step of the last two thirds, hard data
+    consistency argmin ‖y − A(D(z))‖² by AdamW (in pixels and re-encoded on the middle third, in latents on the last)
+    and stochastic resampling. Defaults are the official code's (github.com/soominkwon/resample, see `resample`)."""
+    steps: int = bounded(500, 1, 1000)          # DDIM steps (sample_condition.py:33, --ddim_steps 500)
+    cfg_guidance: float = bounded(4.0, 0, 100)  # w of ε̂ (project default, as DiffPIR); the official LDM has no text
+    official_shift: bool = False                # ReSample's DDIM uses ᾱ_t at the UNet's t (no TReg ᾱ_{t-1} shift)
+    dps_scale: float = bounded(0.5, 0, 1e3)     # z' −= dps_scale·ᾱ_t·∇‖y − A D(ẑ0)‖ on every step (ddim.py:255-261)
+    gamma: float = bounded(40.0, 0, 1e6, low_open=True)  # γ in σ_t² = γ·(1−ᾱ')/(1−ᾱ)·(1 − ᾱ/ᾱ') (ddim.py:289, 318)
+    dc_every: int = bounded(10, 1, 1000)        # hard data consistency where index % 10 == 0 (ddim.py:273) ...
+    splits: int = bounded(3, 1, 1000)           # ... and 0 < index ≤ steps − steps//3; pixels while index ≥ steps//3,
+                                                # latents below (ddim.py:264-268, 294, 310)
+    travel_steps: int = bounded(5, 0, 1000)     # DDIM steps looked ahead for the optimiser's start (ddim.py:206, 274)
+    pixel_lr: float = bounded(1e-2, 0, 10, low_open=True)  # AdamW lr of the pixel-space fit (ddim.py:353)
+    pixel_iters: int = bounded(2000, 0, 100000)            # its step limit (ddim.py:337, max_iters=2000)
+    latent_lr: float = bounded(5e-3, 0, 10, low_open=True)  # AdamW lr of the latent-space fit (ddim.py:393-394)
+    latent_iters: int = bounded(500, 0, 100000)            # its step limit (ddim.py:373, max_iters=500)
+    tol: float = bounded(1e-3, 0, 1e3)          # both fits stop once the MSE < tol² (ddim.py:337, 367, 373, 428)
+    patience: int = bounded(200, 0, 100000)     # the latent fit stops once its MSE exceeds that of 200 steps earlier
+                                                # (ddim.py:419-426); 0 = never
+    weight_decay: float = bounded(0.01, 0, 100)  # torch.optim.AdamW's default, which the official code keeps
+    final_fit: bool = True                      # a last latent fit of z_0 before decoding (ddim.py:329-332)
+
+
+@torch.no_grad()
+def resample(prior, op, y, cfg, *, c, uc, generator=None, callback=None):
+    """ReSample, Algorithm 1 of arXiv 2307.08123 as its official code runs it (ldm/models/diffusion/ddim.py,
+    resample_sampling, :189-334), one step t → t' of our `schedule` (t, ᾱ = ᾱ_t, ᾱ' = ᾱ_t'), index = steps − 1 − i:
+
+        (1) ε̂ = ε_θ(z_t) classifier-free guided (w = cfg_guidance), ẑ0 = (z_t − √(1−ᾱ) ε̂)/√ᾱ
+        (2) z' = √ᾱ' ẑ0 + √(1−ᾱ') ε̂ − dps_scale·ᾱ·∇_{z_t}‖y − A D(ẑ0)‖       DDIM proposal, latent DPS step
+        on the hard-data-consistency steps (0 < index ≤ steps − ⌊steps/3⌋, index % 10 == 0), else z_t' = z':
+        (3) start: ẑ0 of the latent reached by `travel_steps` DDIM steps from z' (the code's "time travel")
+        (4) ẑ0(y) ≈ argmin_z ‖y − A(D(z))‖² from the start by AdamW (`adamw_fit`): while index ≥ ⌊steps/3⌋ in
+            pixels, x̂ ≈ argmin_x ‖y − A x‖² from D(start), ẑ0(y) = E(x̂); below it in latents through D
+        (5) stochastic resampling (the paper's Proposition 2): with σ_t² = γ(1−ᾱ')/(1−ᾱ)·(1 − ᾱ/ᾱ'),
+            z_t' ~ N((σ_t² √ᾱ' ẑ0(y) + (1−ᾱ') z') / (σ_t² + 1 − ᾱ'),  σ_t²(1−ᾱ')/(σ_t² + 1 − ᾱ') I)
+    and after the last step z_0 gets one more latent fit (final_fit); the output is D(z_0).
+
+    Kept from the official code: the DPS step on every step with ‖·‖ unsquared, the two-stage optimisation, the
+    look-ahead start, the MSE (a mean over y's values) and its stopping rules, AdamW's weight decay. Dropped
+    knowingly: its "Tweedie" pseudo_x0 = (z − (1−ᾱ) ε̂)/√ᾱ (ddim.py:541, (1−ᾱ) for √(1−ᾱ)), used for the DPS
+    gradient and the optimiser's start, is the DDIM estimate ẑ0 here; its look-ahead steps take the outer step's
+    ᾱ pair for the first step and tell the UNet the next timestep (ddim.py:275-280), here they follow the schedule;
+    its norms and MSEs are over the batch, here per image. σ_t² is γ times DDIM's η = 1 variance.
+
+    Pixel priors (D = E = I): both fits are AdamW least squares on the image, and ReSample is pixel DPS with hard
+    data consistency and stochastic resampling.
+    """
+    z, c, uc = _start(prior, op, y, c, uc, generator)
+    z = z.to(y.dtype)
+    plan = schedule(prior.alphas_cumprod, cfg.steps, cfg.official_shift)
+    third, m = cfg.steps // cfg.splits, y[0].numel()
+    mse = lambda x: residual_norm(op, y, x) ** 2 / m  # per image, the official nn.MSELoss (mean over y)
+    latent_fit = lambda z_: adamw_fit(lambda v: mse(prior.decode(v)), z_, cfg.latent_lr, cfg.latent_iters, cfg.tol,
+                                      cfg.patience, cfg.weight_decay)
+    for i, (t, a, a_prev) in enumerate(plan):
+        index = cfg.steps - 1 - i
+        # (1) CFG ε̂ and Tweedie ẑ0, with ∇‖y − A D(ẑ0)‖ through the UNet and the decoder for the DPS step
+        eps_fn = lambda z_: guided_eps(prior, z_, t, uc, c, cfg.cfg_guidance)
+        if cfg.dps_scale > 0:
+            eps, z0, grad = dps_gradient(prior, op, y, z, t, a, eps_fn)
+        else:
+            eps = eps_fn(z)
+            z0, grad = tweedie(z, eps, a), torch.zeros_like(z)
+        # (2) the DDIM proposal z' at t' with the latent DPS step
+        z_prop = ddim_step(z0, eps, a_prev) - cfg.dps_scale * a * grad
+        z_t, z, info = z, z_prop, {}
+        if 0 < index <= cfg.steps - third and index % cfg.dc_every == 0:
+            # (3) the optimiser's start: ẑ0 after `travel_steps` DDIM steps ahead of z'
+            start, ahead = z0, z_prop
+            for t_, a_, a_next in plan[i + 1:i + 1 + cfg.travel_steps]:
+                eps_ = guided_eps(prior, ahead, t_, uc, c, cfg.cfg_guidance)
+                start = tweedie(ahead, eps_, a_)
+                ahead = ddim_step(start, eps_, a_next)
+            # (4) hard data consistency: pixel-space fit and re-encoding, or latent-space fit through D
+            if index >= third:
+                x0y = adamw_fit(mse, prior.decode(start), cfg.pixel_lr, cfg.pixel_iters, cfg.tol, 0, cfg.weight_decay)
+                z0y = prior.encode(x0y, generator)
+            else:
+                z0y = latent_fit(start)
+            # (5) stochastic resampling around ẑ0(y) and z'
+            sigma2 = cfg.gamma * (1 - a_prev) / (1 - a) * (1 - a / a_prev)
+            noise = randn(z.shape, generator, z.device).to(z)
+            mean = (sigma2 * a_prev ** 0.5 * z0y + (1 - a_prev) * z_prop) / (sigma2 + 1 - a_prev)
+            z = mean + (sigma2 * (1 - a_prev) / (sigma2 + 1 - a_prev)) ** 0.5 * noise
+            info = {"z_prop": z_prop, "start": start, "z0y": z0y, "noise": noise, "sigma2": sigma2}
+        if callback:
+            callback({"i": i, "steps": cfg.steps, "t": t, "z": z_t, "z0": z0, "eps": eps, **info})
+    return prior.decode(latent_fit(z) if cfg.final_fit else z)
