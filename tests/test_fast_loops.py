@@ -155,14 +155,14 @@ def test_ddrm_refuses_a_prior_without_latent_h_and_an_operator_without_svd(decod
 
 
 def test_with_noise_fills_only_an_unset_sigma_y():
-    """σ_y None → the task's noise; a set σ_y (0 included) and a config without σ_y (TReg's) are left as they are."""
+    """σ_y None → the task's noise; a set σ_y (0 included) and a config without σ_y (DDIM's) are left as they are."""
     from treg.solvers import with_noise
-    for name in ("cci", "pigdm", "ddrm"):
+    for name in ("cci", "pigdm", "ddrm", "diffpir", "daps", "treg"):
         config = SOLVERS[name][1]
         assert with_noise(config(), 0.3) == dataclasses.replace(config(), sigma_y=0.3)
         assert with_noise(config(sigma_y=0.0), 0.3) == config(sigma_y=0.0)
-    treg = SOLVERS["treg"][1]()
-    assert not hasattr(treg, "sigma_y") and with_noise(treg, 0.3) == treg
+    ddim = SOLVERS["ddim"][1]()
+    assert not hasattr(ddim, "sigma_y") and with_noise(ddim, 0.3) == ddim
 
 
 @pytest.mark.parametrize("name", ["cci", "pigdm", "ddrm"])
