@@ -51,8 +51,11 @@ def test_components_and_compose_reports_on_the_tiny_model(tmp_path):
     report = json.loads(parts.with_suffix(".json").read_text())
     assert set(report["parts"]) == {"unet_b1", "unet_b2_cfg", "vae_decode", "vae_decode_fwd_bwd",
                                     "vae_decode_fwd_bwd + checkpointing"}
-    weights = report["settings"]["weights_rss_mb"]
-    assert all(v["seconds"] > 0 and v["peak_rss_mb"] >= weights * 0.9 for v in report["parts"].values())
+    # Each peak is a real RSS (the reset sets VmHWM to the current RSS, not to 0). It is not compared with the RSS
+    # before the first call: in a long test process the kernel may drop file-backed pages (shared libraries, mmapped
+    # weights) between the two readings, and a fresh-clone CI run once saw a peak below 0.9 of it.
+    assert report["settings"]["weights_rss_mb"] > 100
+    assert all(v["seconds"] > 0 and v["peak_rss_mb"] > 100 for v in report["parts"].values())
     out = tmp_path / "composed"
     bench_speed.main(["--compose", str(parts.with_suffix(".json")), "--solvers", "ddim,dps,ddrm",
                       "--count_size", "32", "--out", str(out)])
