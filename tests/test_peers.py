@@ -159,6 +159,26 @@ def bed():
     return cal.build_bed(ROOT)
 
 
+def assert_lands_as_measured(bed, ex, z, main_count, draws, exact_inside):
+    """The landing checks the peers' bed tests share, for the solutions z of len(ex.seeds) seeds at w = 0: every
+    solution lands in a component of exact posterior weight ≥ cal.SUPPORT, and the count in the main mode lies in the
+    two-sided binomial interval of level 1 − 1e-3 for p at either end of p̂ ± 3 s.e., p̂ = main_count/draws measured
+    on disjoint seeds (false-failure rate ≤ 0.1 %, +0.3 % for p̂'s estimate); with exact_inside, the exact posterior's
+    expected count lies in that interval too."""
+    n = len(ex.seeds)
+    weights = bed.tilted_log_weights("", 0.0).exp().numpy()
+    landed = ex.landed(z)
+    assert (weights[landed] >= cal.SUPPORT).all(), np.bincount(landed, minlength=len(weights))
+    main = int(weights.argmax())
+    p = main_count / draws
+    se = (p * (1 - p) / draws) ** 0.5
+    low, high = binom.ppf(5e-4, n, p - 3 * se), binom.isf(5e-4, n, p + 3 * se)
+    count = int((landed == main).sum())
+    assert low <= count <= high, (count, low, high)
+    if exact_inside:
+        assert low <= weights[main] * n <= high, (weights[main] * n, low, high)
+
+
 def test_diffpir_on_the_calibration_bed_lands_as_measured(bed):
     """64 seeds, configs/solver/diffpir.yaml (100 steps, σ_y = the task's 0.01), w = 0. (1) Every draw lands in a
     component the exact posterior gives weight ≥ 1e-3. (2) The count in the main mode lies in the two-sided
@@ -172,15 +192,7 @@ def test_diffpir_on_the_calibration_bed_lands_as_measured(bed):
     ex = bench.Experiment(bed, list(range(n)))
     z, nfe, _ = ex.solve(diffpir, bench.solver_config("diffpir", 100, 0.0), "")
     assert nfe == 100
-    weights = bed.tilted_log_weights("", 0.0).exp().numpy()
-    landed = ex.landed(z)
-    assert (weights[landed] >= cal.SUPPORT).all(), np.bincount(landed, minlength=len(weights))
-    main = int(weights.argmax())
-    p = BED_STRIPED / BED_DRAWS
-    se = (p * (1 - p) / BED_DRAWS) ** 0.5
-    low, high = binom.ppf(5e-4, n, p - 3 * se), binom.isf(5e-4, n, p + 3 * se)
-    count = int((landed == main).sum())
-    assert low <= count <= high and low <= weights[main] * n <= high, (count, low, high)
+    assert_lands_as_measured(bed, ex, z, BED_STRIPED, BED_DRAWS, exact_inside=True)
     residual = bed.residuals(z).mean().item()
     assert abs(residual - BED_RESIDUAL) < 0.15, residual
 
@@ -359,14 +371,7 @@ def test_daps_stochastic_steps_follow_their_exact_laws_on_the_calibration_bed(be
     assert nfe == 100
     tests = [p for group in pvalues for p in group]
     assert len(tests) == 149 and min(tests) * len(tests) > DAPS_FAMILY, [min(group) for group in pvalues]
-    weights = bed.tilted_log_weights("", 0.0).exp().numpy()
-    landed = ex.landed(z)
-    assert (weights[landed] >= cal.SUPPORT).all(), np.bincount(landed, minlength=len(weights))
-    p = DAPS_STRIPED / DAPS_DRAWS
-    se = (p * (1 - p) / DAPS_DRAWS) ** 0.5
-    low, high = binom.ppf(5e-4, 64, p - 3 * se), binom.isf(5e-4, 64, p + 3 * se)
-    count = int((landed == int(weights.argmax())).sum())
-    assert low <= count <= high, (count, low, high)
+    assert_lands_as_measured(bed, ex, z, DAPS_STRIPED, DAPS_DRAWS, exact_inside=False)
     residual = bed.residuals(z).mean().item()
     assert abs(residual - DAPS_RESIDUAL) < 0.05, residual
 
@@ -637,15 +642,7 @@ def test_resample_on_the_calibration_bed_lands_as_measured(bed):
     ex = bench.Experiment(bed, list(range(n)))
     z, nfe, _ = ex.solve(resample, bench.solver_config("resample", 500, 0.0), "")
     assert nfe == 665
-    weights = bed.tilted_log_weights("", 0.0).exp().numpy()
-    landed = ex.landed(z)
-    assert (weights[landed] >= cal.SUPPORT).all(), np.bincount(landed, minlength=len(weights))
-    main = int(weights.argmax())
-    p = RS_STRIPED / RS_DRAWS
-    se = (p * (1 - p) / RS_DRAWS) ** 0.5
-    low, high = binom.ppf(5e-4, n, p - 3 * se), binom.isf(5e-4, n, p + 3 * se)
-    count = int((landed == main).sum())
-    assert low <= count <= high and low <= weights[main] * n <= high, (count, low, high)
+    assert_lands_as_measured(bed, ex, z, RS_STRIPED, RS_DRAWS, exact_inside=True)
     residual = bed.residuals(z).mean().item()
     assert abs(residual - RS_RESIDUAL) < 0.003, residual
     spread = null_spread(bed, z).mean().item()
