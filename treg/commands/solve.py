@@ -168,7 +168,7 @@ def write_batch(job, batch, x, y, outputs, results):
         y_view = viewable(y, task.image_size)
         y_pred = {m: viewable(job.op.A(v), task.image_size) for m, v in outputs.items()}
     name = runs.slug(args.prompt)
-    floor = task.noise_scale * y[0].numel() ** 0.5
+    floor = results[0][methods[0]]["noise_floor"]  # solve_batch's, the same for every image and method
     for j, i in enumerate(batch):
         files = runs.output_files(args.workdir, i, name, methods, compare)
         pictures = {("input", None): y_view[j], ("label", None): x[j],
