@@ -105,7 +105,7 @@ def test_caption_prompts_pick_their_component_and_null_prompts_do_not():
     per_caption = pi.view(6, 4, 4).sum(1)  # summed over the low-resolution groups, which text does not choose
     torch.testing.assert_close(pi.view(6, 4, 4), per_caption[:, None].expand(6, 4, 4) / 4)  # uniform over groups
     assert (per_caption[:4].diagonal() >= 0.9).all()
-    torch.testing.assert_close(pi[4], torch.full((16,), 1 / 16))
+    torch.testing.assert_close(pi[4], torch.full((16,), 1 / 16, dtype=torch.float64))
     assert (per_caption[5] - 0.25).abs().max() < 0.1
 
 

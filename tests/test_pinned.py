@@ -71,7 +71,10 @@ def test_every_treg_step_matches_the_written_out_update(bed):
         else:
             want = a_prev ** 0.5 * z0 + (1 - a_prev) ** 0.5 * eps
         got = infos[i + 1]["z"]
-        assert torch.allclose(got, want, rtol=0, atol=1e-9 * want.abs().max()), (i, (got - want).abs().max())
+        # z_T is float32 noise, so step 0 runs in float32, where the solver's CFG batch of 2 and the separate
+        # calls here may round differently (by ~1e-7 on some CPUs); from step 1 on the state is float64
+        tol = 1e-6 if i == 0 else 1e-9
+        assert torch.allclose(got, want, rtol=0, atol=tol * want.abs().max()), (i, (got - want).abs().max())
 
 
 def test_treg_dps_branch_matches_an_autograd_step(bed):
@@ -91,7 +94,10 @@ def test_treg_dps_branch_matches_an_autograd_step(bed):
             grad, = torch.autograd.grad(loss, z)
         want = a_prev ** 0.5 * z0.detach() + (1 - a_prev) ** 0.5 * prior.eps(z.detach(), t, uc) - a_prev ** 0.5 * grad
         got = infos[i + 1]["z"]
-        assert torch.allclose(got, want, rtol=0, atol=1e-9 * want.abs().max()), (i, (got - want).abs().max())
+        # z_T is float32 noise, so step 0 runs in float32, where the solver's CFG batch of 2 and the separate
+        # calls here may round differently (by ~1e-7 on some CPUs); from step 1 on the state is float64
+        tol = 1e-6 if i == 0 else 1e-9
+        assert torch.allclose(got, want, rtol=0, atol=tol * want.abs().max()), (i, (got - want).abs().max())
         checked += 1
     assert checked >= 10
 

@@ -68,7 +68,7 @@ class WeightedPrior(AnalyticPrior):
 
     def __init__(self, captions, *, base_weights, **kwargs):
         super().__init__(captions, **kwargs)
-        self.log_base = torch.tensor(base_weights, dtype=torch.float32).log()
+        self.log_base = torch.tensor(base_weights, dtype=torch.float64).log()
 
     def log_weights(self, e):
         return torch.log_softmax(super().log_weights(e) + self.log_base.to(e.device), dim=-1)

@@ -265,7 +265,7 @@ def components(args):
             before, start = load(), time.perf_counter()
             with torch.no_grad():
                 fns[part]()
-            rows[name] = {"seconds": round(time.perf_counter() - start, 2), "peak_rss_mb": round(peak_rss_mb()),
+            rows[name] = {"seconds": time.perf_counter() - start, "peak_rss_mb": round(peak_rss_mb()),
                           "load": f"{before}→{load()}"}
             print(f"{name}: {rows[name]}", file=sys.stderr)
     threads = torch.get_num_threads()

@@ -183,8 +183,10 @@ class AnalyticPrior:
         return torch.stack(rows)[:, None].repeat(1, TOKENS, 1).to(self.device)
 
     def log_weights(self, e):
-        """log π(e), (B, K): log softmax_k(β·cos(mean over tokens of e, c_k)); a zero embedding gives uniform."""
-        q = F.normalize(e.mean(1), dim=-1)
+        """log π(e), (B, K) float64: log softmax_k(β·cos(mean over tokens of e, c_k)); a zero embedding gives uniform.
+        float64 so that the weights do not depend on the batch a prompt is embedded in (a float32 reduction's order
+        does, by ~1e-7, on some CPUs)."""
+        q = F.normalize(e.double().mean(1), dim=-1)
         return torch.log_softmax(self.beta * q @ self.caption_embeddings.to(q).T, dim=-1)
 
     # mixture
