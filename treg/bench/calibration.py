@@ -160,7 +160,9 @@ class Experiment:
         return {"n": n, **cal.false_flag_rate(self.bed, log_w, reference, n, repeats, seed=n)}
 
 
-def run(args, bar):
+def experiments(args, bar):
+    """The bed and every experiment's rows: calibration, guidance, conflict, the exact CFG laws, sensitivity and the
+    false-flag rate."""
     bed = cal.build_bed(ROOT, args.seed)
     ex = Experiment(bed, list(range(args.seed, args.seed + args.seeds)))
     report = {"calibration": [], "guidance": [], "conflict": [], "cfg_laws": [], "sensitivity": [], "false_flags": []}
@@ -287,8 +289,8 @@ def markdown(bed, report, args, seconds):
             lines.append(head + f" **not flagged** (smallest p: {best} {r['pvalues'][best]:.3g}) | | | | | |")
         else:
             best = next(iter(r["flagged_by"]))
-            flags = ", ".join(f"{k} ({v:.2g})" for k, v in r["flagged_by"].items())
-            lines.append(head + f" {flags} | {best} | {ci(r['correct']['stats'][best], 3)} | "
+            flagged = ", ".join(f"{k} ({v:.2g})" for k, v in r["flagged_by"].items())
+            lines.append(head + f" {flagged} | {best} | {ci(r['correct']['stats'][best], 3)} | "
                          f"{ci(r['wrong']['stats'][best], 3)} | {ci(r['differences'][best], 3)} | "
                          f"{', '.join(r['intervals_disjoint']) or 'none'} |")
     if report["false_flags"]:
@@ -400,7 +402,7 @@ def run(args):
         len(args.variants) * len(args.sensitivity_steps) + (len({args.seeds, flags.TEST_SEEDS}) if args.variants else 0)
     begin = time.perf_counter()
     with tqdm(total=total, file=sys.stderr, unit="cell") as bar:
-        bed, report = run(args, bar)
+        bed, report = experiments(args, bar)
     seconds = time.perf_counter() - begin
     table = markdown(bed, report, args, seconds)
     settings = cli_args(args)
