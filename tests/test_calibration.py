@@ -9,6 +9,7 @@ import torch
 from scipy.stats import wasserstein_distance
 
 from treg.bench import beds as cal, calibration as bench
+from treg.bench.flags import TEST_SEEDS
 from treg.priors.posterior import dense_posterior, exact_posterior, sample
 from treg.solvers import SOLVERS
 from treg.solvers.latent import residual_norm
@@ -130,7 +131,7 @@ def test_patched_copy_replaces_exactly_one_expression():
 @pytest.fixture(scope="module")
 def sensitivity_runs(bed):
     """32 seeds at 50 steps, w = 0: every correct solver a variant patches, solved once."""
-    ex = bench.Experiment(bed, list(range(bench.TEST_SEEDS)))
+    ex = bench.Experiment(bed, list(range(TEST_SEEDS)))
     correct = {}
     for base in {v[0] for v in cal.VARIANTS.values()}:
         correct[base] = ex.solve(SOLVERS[base][0], bench.solver_config(base, 50, 0.0), "")[0]
@@ -182,7 +183,7 @@ def test_bench_calibration_end_to_end(tmp_path, capsys, monkeypatch):
     assert [(r["w"], r["solver"]) for r in report["guidance"]] == [
         (w, m) for w in (0, 2) for m in ("exact", "exact CFG", "treg", "ddim")]
     assert [(r["prompt"], r["w"]) for r in report["cfg_laws"]] == [("plain", 0), ("plain", 2), ("rocket", 5)]
-    assert [(r["n"], r["permutation"][1]) for r in report["false_flags"]] == [(4, 2), (bench.TEST_SEEDS, 2)]
+    assert [(r["n"], r["permutation"][1]) for r in report["false_flags"]] == [(4, 2), (TEST_SEEDS, 2)]
     rows = {(r["steps"], r["solver"]): r for r in report["calibration"]}
     assert rows[5, "ddim"]["nfe"] == 5 and rows[3, "treg"]["nfe"] == 3  # w = 0: one noise prediction per step
     assert rows[5, "treg"]["stats"]["residual"][0] < rows[5, "ddim"]["stats"]["residual"][0]  # ddim ignores y

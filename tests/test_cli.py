@@ -1,5 +1,6 @@
 """solve.py end to end on the tiny offline SD, and its handling of bad input."""
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -144,6 +145,55 @@ print("LOADED", loaded)
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "LOADED []" in done.stdout, done.stdout[-500:]
+
+
+BENCH_HELP = {  # a few flags each benchmark's --help must list, and phrases of its description (bed, columns)
+    "accuracy": ["--tasks", "--solvers", "--set", "--cfg_guidance", "prompt acc.", "exact posterior weight"],
+    "calibration": ["--solvers", "--variants", "--guidance", "--null_repeats", "residual W1", "Bonferroni"],
+    "fast": ["--methods", "--tasks", "--noise_scale", "within-mode", "Wilson interval"],
+    "inversion": ["--steps", "--seeds_ws", "--skip_warm_start", "--device", "Round trip", "Warm start"],
+    "speed": ["--model", "--components", "--compose", "--outside_from", "peak memory"],
+    "gpu": ["--model", "--dtypes", "--budget_s", "--compile_backend", "host syncs", "smoke form"],
+}
+
+
+def test_bench_help_and_bad_flags_answer_before_torch_loads():
+    """`python -m treg bench NAME --help` prints the benchmark's description and flags, and a flag argparse refuses
+    exits 2 with argparse's message, before torch, diffusers, transformers or accelerate is imported: one fresh
+    interpreter runs both for every benchmark."""
+    from treg.commands.bench import BENCHMARKS
+    assert set(BENCH_HELP) == set(BENCHMARKS)
+    code = """
+import contextlib, io, json, sys
+import treg.__main__ as dispatcher
+seen = {}
+for name in sys.argv[1:]:
+    for flag in ("--help", "--nope"):
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                dispatcher.main(["bench", name, flag])
+                status = "returned"
+            except SystemExit as stop:
+                status = stop.code
+        seen[name, flag] = status, out.getvalue(), err.getvalue()
+loaded = sorted(m for m in ("torch", "diffusers", "transformers", "accelerate") if m in sys.modules)
+print(json.dumps({"loaded": loaded, "seen": [[*key, *value] for key, value in seen.items()]}))
+"""
+    done = subprocess.run([sys.executable, "-c", code, *BENCH_HELP], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.splitlines()[-1])
+    seen = {(name, flag): (status, out, err) for name, flag, status, out, err in result["seen"]}
+    for name, wanted in BENCH_HELP.items():
+        status, out, _ = seen[name, "--help"]
+        assert status == 0 and out.startswith(f"usage: python -m treg bench {name} "), (name, out[:300])
+        listed = re.findall(r"^  (--\w+)", out, re.M)  # the options section, not a mention in other help text
+        text = " ".join(out.split())  # argparse wraps the description's lines
+        assert [w for w in wanted if w not in (listed if w.startswith("--") else text)] == [], name
+        status, out, err = seen[name, "--nope"]
+        assert status == 2 and "unrecognized arguments: --nope" in err and not out, (name, err[-300:])
+    assert result["loaded"] == []
 
 
 def test_help_names_every_dataset(capsys):

@@ -1,40 +1,9 @@
-"""Calibration benchmark against an exact multi-modal posterior: does each solver *sample* the posterior (the right
-modes, in the right proportions, with the right spread), what does guidance do to that, what happens when the text
-contradicts the data, how does it all degrade as NFE falls, and do these numbers catch known-wrong solvers?
-
-The bed (treg/bench/beds.py): ×8 SR at 64², one measurement y of a cat whose three hidden "details" (striped,
-spotted, plain) the measurement cannot see; base weights 0.6/0.3/0.1 on them and a fourth component (rocket) that y
-rules out; component width s = 0.1. Every solver of treg.solvers.SOLVERS runs with its configs/solver/<name>.yaml,
-only `steps` and `cfg_guidance` set by the experiment, the same for every solver; the null prompt is "" (the zero
-embedding, so π_uc is the base weights). Each cell solves the same y with --seeds solver seeds. Experiments:
-    calibration   w = 0 at every --steps: landing frequencies vs the exact posterior weights, spread, residuals;
-    guidance      prompt "plain" at w ∈ --guidance (--main_steps): landing vs the CFG-tilted target π_uc^(1−w)·π_c^w
-                  and vs the landing law of the exact CFG sampler (treg.bench.beds.cfg_ode, with y's likelihood);
-    conflict      prompt "rocket" (ruled out by y) at w = --conflict_w (--main_steps): residual and landing;
-    sensitivity   each known-wrong variant of treg.bench.beds.VARIANTS against its solver, w = 0, at every
-                  --sensitivity_steps, same seeds: flagged by each statistic whose paired sign-flip permutation
-                  p-value is ≤ 0.05/7 (Bonferroni); the control (TReg on disjoint seeds, a genuine null) must not
-                  be, and the rule's false-flag rate under independent exact-draw cells is measured.
-Statistics, each with a 95 % bootstrap interval over the seeds (1000 resamples):
-    tv               ½Σ|landing frequency − target weight| over the 4 components (landed = nearest posterior mean);
-    spread meas/null pooled within-component variance of the solutions in the measured / null directions of M,
-                     over the exact posterior's: 1 = calibrated, → 0 = collapsed to a point, > 1 = over-dispersed;
-    residual         mean ‖y − A x̂‖/(σ√m) (1 = the noise floor);
-    residual W1      Wasserstein-1 distance between the solver's residuals and those of 4000 exact posterior draws;
-    rel. L2          mean ‖ẑ − m_k‖/‖m_k‖ to the nearest exact posterior mean m_k;
-    consistent       fraction landed in a component that y allows (exact posterior weight ≥ 1e-3).
-Row `exact` draws --seeds samples from the exact (or tilted) posterior itself: what a perfect sampler scores at this
-seed count (TV and W1 are not 0 at finite n). NFE counts noise predictions per image (CFG counts 2).
-
-    python -m treg bench calibration     # the full report: 32 min wall with 1 thread on the shared 2-core CPU
-                                         # (load 5-6), 16 min of CPU time (504 s user + 459 s system); p2l takes
-                                         # 42 % of the wall time, the statistics 5 % (--solvers to choose)
-    python -m treg bench calibration --solvers treg,dps --seeds 50 --steps 10,50 --out /tmp/cal
-
-Writes OUT.md, OUT.json and OUT.png (NFE curves) (default runs/calibration; `--out assets/calibration` refreshes the
-committed report). Offline: the analytic prior only.
+"""Calibration benchmark against an exact multi-modal posterior: does each solver *sample* the posterior, what does
+guidance do to that, what happens when the text contradicts the data, how does it all degrade as NFE falls, and do
+these numbers catch known-wrong solvers? The experiments, the statistics and the flags are described with its
+command line, `calibration` in treg/bench/flags.py (`python -m treg bench calibration --help`); main(argv) is
+run(flags.calibration(argv)).
 """
-import argparse
 import shlex
 import sys
 import time
@@ -46,8 +15,8 @@ import torch
 from scipy.stats import binomtest
 from tqdm import tqdm
 
-from treg.bench import beds as cal
-from treg.config import CONFIGS, ROOT, ConfigError, load_task, parse_set
+from treg.bench import beds as cal, flags
+from treg.config import CONFIGS, ROOT, ConfigError, load_task
 from treg.images import atomic_write
 from treg.profiling import PRIOR_PARTS, Profiler
 from treg.runs import cli_args, write_report
@@ -60,7 +29,6 @@ GUIDED = "plain"      # the guided prompt names the rarest detail, so that guida
 REFERENCE_DRAWS = 4000
 CFG_DRAWS = 2000      # draws of the exact CFG sampler per (prompt, w): a landing frequency to ±0.022 (95 %)
 CFG_STEPS = 100       # its Heun steps; the report shows the law at half and twice as many
-TEST_SEEDS = 32       # the seed count of tests/test_calibration.py's sensitivity test (its false-flag rate is reported)
 CURVES = [("tv", "TV to the posterior weights"), ("spread_null", "spread ratio, null space"),
           ("spread_measured", "spread ratio, measured"), ("residual", "residual / noise floor"),
           ("residual_w1", "residual W1 to the exact"), ("rel_l2", "rel. L2 to nearest mean")]
@@ -192,7 +160,9 @@ class Experiment:
         return {"n": n, **cal.false_flag_rate(self.bed, log_w, reference, n, repeats, seed=n)}
 
 
-def run(args, bar):
+def experiments(args, bar):
+    """The bed and every experiment's rows: calibration, guidance, conflict, the exact CFG laws, sensitivity and the
+    false-flag rate."""
     bed = cal.build_bed(ROOT, args.seed)
     ex = Experiment(bed, list(range(args.seed, args.seed + args.seeds)))
     report = {"calibration": [], "guidance": [], "conflict": [], "cfg_laws": [], "sensitivity": [], "false_flags": []}
@@ -226,7 +196,7 @@ def run(args, bar):
             report["sensitivity"].append(ex.sensitivity(label, steps))
             bar.update()
     if args.variants:
-        for n in dict.fromkeys([args.seeds, TEST_SEEDS]):
+        for n in dict.fromkeys([args.seeds, flags.TEST_SEEDS]):
             bar.set_description(f"false-flag rate at {n} seeds")
             report["false_flags"].append(ex.false_flags(n, args.null_repeats))
             bar.update()
@@ -319,8 +289,8 @@ def markdown(bed, report, args, seconds):
             lines.append(head + f" **not flagged** (smallest p: {best} {r['pvalues'][best]:.3g}) | | | | | |")
         else:
             best = next(iter(r["flagged_by"]))
-            flags = ", ".join(f"{k} ({v:.2g})" for k, v in r["flagged_by"].items())
-            lines.append(head + f" {flags} | {best} | {ci(r['correct']['stats'][best], 3)} | "
+            flagged = ", ".join(f"{k} ({v:.2g})" for k, v in r["flagged_by"].items())
+            lines.append(head + f" {flagged} | {best} | {ci(r['correct']['stats'][best], 3)} | "
                          f"{ci(r['wrong']['stats'][best], 3)} | {ci(r['differences'][best], 3)} | "
                          f"{', '.join(r['intervals_disjoint']) or 'none'} |")
     if report["false_flags"]:
@@ -328,7 +298,7 @@ def markdown(bed, report, args, seconds):
                   "Two independent cells of n exact posterior draws (w = 0), repeated; a repeat counts if any "
                   "statistic flags. Permutation: the rule above. Bootstrap: the previous rule (a Bonferroni-corrected "
                   "paired bootstrap interval excluding 0). Rates with exact 95 % binomial intervals; nominal "
-                  f"{cal.FAMILY_LEVEL:g}. n = {TEST_SEEDS} is the seed count of tests/test_calibration.py.", "",
+                  f"{cal.FAMILY_LEVEL:g}. n = {flags.TEST_SEEDS} is the seed count of tests/test_calibration.py.", "",
                   "| n | repeats | permutation rule | bootstrap rule |", "|---" * 4 + "|"]
         for r in report["false_flags"]:
             (k, m), (kb, _) = r["permutation"], r["bootstrap"]
@@ -393,45 +363,6 @@ def figure(report, path):
     plt.close(fig)
 
 
-def int_list(text):
-    return [int(v) for v in text.split(",") if v.strip()]
-
-
-def float_list(text):
-    return [float(v) for v in text.split(",") if v.strip()]
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m treg bench calibration", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--solvers", default=None, help="comma-separated solvers or configs/solver YAML names, e.g. "
-                   "cci-noiseless (default: every entry of SOLVERS)")
-    p.add_argument("--seeds", type=int, default=200, help="solver seeds per cell (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="seed of y's noise and the first solver seed (default: 0)")
-    p.add_argument("--steps", type=int_list, default=[10, 20, 50, 100, 200],
-                   help="step counts of the NFE curves (default: 10,20,50,100,200)")
-    p.add_argument("--main_steps", type=int, default=200, help="steps of guidance and conflict (default: 200)")
-    p.add_argument("--guidance", type=float_list, default=[0.0, 1.0, 2.0, 5.0], help="w values (default: 0,1,2,5)")
-    p.add_argument("--conflict_w", type=float, default=5.0, help="w of the conflict prompt (default: 5)")
-    p.add_argument("--variants", default=",".join([*cal.VARIANTS, cal.CONTROL[0]]),
-                   help="comma-separated known-wrong variants of treg.bench.beds.VARIANTS and the control, '' for "
-                   "none (default: %(default)s)")
-    p.add_argument("--null_repeats", type=int, default=200, help="repeats of the false-flag measurement at --seeds "
-                   f"and at {TEST_SEEDS} seeds, run when --variants is not empty (default: %(default)s)")
-    p.add_argument("--sensitivity_steps", type=int_list, default=[10, 50],
-                   help="step counts of the sensitivity check (default: 10,50)")
-    p.add_argument("--set", type=parse_set, action="append", default=[], metavar="SOLVER.KEY=VALUE",
-                   help="override a solver YAML field for the calibration, guidance and conflict cells, e.g. "
-                        "cci.k_start=999 (repeatable)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads; the tensors are tiny (default: 1)")
-    p.add_argument("--out", type=Path, default=Path("runs/calibration"), help="writes OUT.md, OUT.json, OUT.png")
-    args = p.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)
-    args.solvers = list(SOLVERS) if args.solvers is None else [s.strip() for s in args.solvers.split(",") if s.strip()]
-    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    return args
-
-
 def check(args):
     unknown = [s for s in args.solvers if not (ROOT / f"configs/solver/{s}.yaml").exists()]
     if unknown or not args.solvers:
@@ -456,18 +387,22 @@ def check(args):
         raise ConfigError(f"--set {', '.join(unused)}: not a selected solver")
 
 
-def main(argv=None):
+def run(args):
+    """The benchmark for flags.calibration's arguments: writes the report and its figure, and prints the tables."""
+    if args.solvers is None:
+        args.solvers = list(SOLVERS)
+    if args.variants is None:
+        args.variants = [*cal.VARIANTS, cal.CONTROL[0]]
     try:
-        args = parse_args(argv)
         check(args)
     except (ConfigError, ValueError) as err:
         sys.exit(f"error: {err}")
     torch.set_num_threads(args.threads)
     total = (len(args.steps) + len(args.guidance) + 1) * len(args.solvers) + 2 * (len(args.guidance) + 1) + 1 + \
-        len(args.variants) * len(args.sensitivity_steps) + (len({args.seeds, TEST_SEEDS}) if args.variants else 0)
+        len(args.variants) * len(args.sensitivity_steps) + (len({args.seeds, flags.TEST_SEEDS}) if args.variants else 0)
     begin = time.perf_counter()
     with tqdm(total=total, file=sys.stderr, unit="cell") as bar:
-        bed, report = run(args, bar)
+        bed, report = experiments(args, bar)
     seconds = time.perf_counter() - begin
     table = markdown(bed, report, args, seconds)
     settings = cli_args(args)
@@ -481,6 +416,10 @@ def main(argv=None):
     write_report(args.out, table + "\n", data)
     figure(report, Path(f"{args.out}.png"))
     print(table)
+
+
+def main(argv=None):
+    run(flags.calibration(argv))
 
 
 if __name__ == "__main__":

@@ -1,30 +1,8 @@
 """Accuracy per NFE on the exact bed: CCI, ΠGDM and DDRM at 5, 10 and 20 steps against TReg at 200 steps and
-TReg and DPS at the same step counts, all scored against the exact posterior.
-
-Bed: the analytic prior of `--model analytic` (AnalyticPrior.from_folder(): 4 low-resolution groups × 4 details
-that ×16 SR cannot see, s = 0.03) at --image_size (64: latent 4×8×8), σ_y = the task's noise_scale, the null
-prompt "out of focus, depth of field". Seed j measures x = decode(μ_(i,i)), i = j mod 4 (sample image i with its
-own detail, so that y is realisable by the prior; a real photo is not, outside SR), with y = A x + σn; its exact
-posterior (treg.priors.posterior's formulas with a dense MᵀM) is a mixture Σ_k w_k N(m_k, Σ). The row "exact" scores
-exact posterior samples (k ~ w, z ~ N(m_k, Σ)) the same way: the numbers a calibrated sampler would get.
-Text settings: "true" (the image's caption), "other" (the next image's caption), "w=0" (null prompt only).
-Every solver uses its configs/solver YAML with `steps` set, cfg_guidance = --cfg_guidance (0 for w=0), σ_y = the
-task's noise, TReg with the README flags (adaptive negation, null_lr 1e-3). Columns (mean over seeds, ± the 95%
-interval half-width; Wilson interval for fractions):
-    residual     ‖y − A x̂‖/(σ√m), 1 = the noise floor (compare with the "exact" row, not with 1)
-    prompt acc.  fraction landing in the prompted component (largest posterior weight among the prompt's caption)
-    mode TV      total variation between where solutions land (per detail caption) and the posterior's weights
-    within-mode  ‖E(x̂) − m_k‖ / √tr Σ for the component k landed in: ≈ 1 for an exact posterior sample (its
-                 spread), ≪ 1 collapsed onto the mean, ≫ 1 off the posterior
-    NFE          noise-prediction evaluations per image (CFG counts 2); backward passes are extra for cci, pigdm, dps
-
-    python -m treg bench fast                               # 2 tasks × 3 settings × 8 seeds × 16 methods, 28 s
-    python -m treg bench fast --seeds 2 --tasks super-resolution --methods cci-5,treg-200 --out /tmp/fast
-
-Writes OUT.md, OUT.json and OUT.png (default runs/fast; `--out assets/fast` refreshes the committed report) and
-prints the table. Offline: analytic prior only.
+TReg and DPS at the same step counts, all scored against the exact posterior. The bed, the columns and the flags
+are described with its command line, `fast` in treg/bench/flags.py (`python -m treg bench fast --help`); main(argv)
+is run(flags.fast(argv)).
 """
-import argparse
 import math
 import sys
 import time
@@ -33,6 +11,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from treg.bench import flags
 from treg.config import ROOT, SAMPLES, ConfigError, load_task
 from treg.images import atomic_write
 from treg.operators import build_operator, measure
@@ -45,8 +24,6 @@ from treg.solvers.latent import residual_norm
 
 NULL_PROMPT = "out of focus, depth of field"
 SETTINGS = ("true", "other", "w=0")
-FEW_STEP = ("cci", "pigdm", "ddrm", "treg", "dps", "diffpir", "daps")
-METHODS = [(name, steps) for name in FEW_STEP for steps in (5, 10, 20)] + [("treg", 200)]
 README_FLAGS = {"treg": {"use_AN": True, "null_lr": 1e-3}}  # the official README commands
 
 
@@ -174,28 +151,8 @@ def figure(rows, path):
     plt.close(fig)
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m treg bench fast", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tasks", default="super-resolution,inpainting", help="configs/task names (default: %(default)s)")
-    p.add_argument("--seeds", type=int, default=8, help="seeds per (task, setting) (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="first seed (default: %(default)s)")
-    p.add_argument("--image_size", type=int, default=64, help="image side, at most 128 (default: %(default)s)")
-    p.add_argument("--cfg_guidance", type=float, default=5.0, help="w of the text settings (README: 5.0)")
-    p.add_argument("--noise_scale", type=float, default=None, help="std of y's noise (default: the task's, 0.01)")
-    p.add_argument("--methods", default=",".join(f"{n}-{s}" for n, s in METHODS),
-                   help="comma-separated SOLVER-STEPS; SOLVER is a configs/solver YAML name, e.g. cci-noiseless "
-                        "(default: %(default)s)")
-    p.add_argument("--out", type=Path, default=Path("runs/fast"), help="writes OUT.md, OUT.json, OUT.png "
-                   "(default: %(default)s)")
-    args = p.parse_args(argv)
-    args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    args.methods = [m.strip().rpartition("-") for m in args.methods.split(",") if m.strip()]
-    return args
-
-
-def main(argv=None):
-    args = parse_args(argv)
+def run(args):
+    """The benchmark for flags.fast's arguments: writes the report and its figure, and prints the table."""
     begin = time.perf_counter()
     torch.set_num_threads(1)
     try:
@@ -224,6 +181,10 @@ def main(argv=None):
                                          "seconds": time.perf_counter() - begin})
     figure(rows, Path(f"{args.out}.png"))
     print(text)
+
+
+def main(argv=None):
+    run(flags.fast(argv))
 
 
 if __name__ == "__main__":

@@ -1,18 +1,7 @@
-"""GPU check at Stable Diffusion's real size, one command that finishes within 8 minutes on one data-centre GPU:
-
-    python -m treg bench gpu --out assets/gpu            # builds a random full-size SD-1.5 on the GPU first
-    python -m treg bench gpu --model DIR --out assets/gpu  # a folder of `python -m treg tiny --full-size DIR`
-
-For each dtype (fp16, bf16) it runs every solver (treg.solvers.SOLVERS) on ×16 SR of the cat at 512² for --steps
-steps: a dtype or device error is reported as its one line, and each run records whether every step's estimate and
-the output are finite, its peak memory (torch.cuda.max_memory_allocated), its seconds per step and the host syncs
-its loop made (torch.cuda's sync debug mode counts them). It checks the VAE decode and the CG prox in the model
-dtype against fp32, and times the CFG UNet call of one step eagerly and under torch.compile. It writes OUT.md and
-OUT.json, naming the machine. Parts that do not fit --budget_s are listed as skipped.
-
-The smoke form (the test suite's): --device cpu --model tiny --image_size 64.
+"""GPU check at Stable Diffusion's real size: every solver in fp16 and bf16, the decoder and CG prox precision, and
+the UNet step eager and compiled. What it records and the flags are described with its command line, `gpu` in
+treg/bench/flags.py (`python -m treg bench gpu --help`); main(argv) is run(flags.gpu(argv)).
 """
-import argparse
 import platform
 import sys
 import tempfile
@@ -22,9 +11,10 @@ from pathlib import Path
 
 import torch
 
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-
+from treg.bench import flags
 from treg.config import ROOT
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def machine(device):
@@ -239,26 +229,8 @@ def markdown_report(data, args):
     return text
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m treg bench gpu", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="full", help="'full' (a random full-size SD-1.5 built on the device into a "
-                   "temporary folder), 'tiny', or a folder (default: %(default)s)")
-    p.add_argument("--device", help="torch device (default: this machine's accelerator)")
-    p.add_argument("--image_size", type=int, default=512, help="(default: %(default)s)")
-    p.add_argument("--steps", type=int, default=3, help="steps per solver: 3 give TReg one data-consistency step "
-                   "and two plain ones (default: %(default)s)")
-    p.add_argument("--solvers", default="", help="comma-separated (default: every solver)")
-    p.add_argument("--dtypes", default="fp16,bf16", help="(default: %(default)s)")
-    p.add_argument("--compile_dtypes", default="fp16", help="dtypes whose UNet step is also timed under "
-                   "torch.compile (default: %(default)s)")
-    p.add_argument("--compile_backend", default="inductor", help="torch.compile backend (default: %(default)s)")
-    p.add_argument("--reps", type=int, default=10, help="timed UNet calls per mode (default: %(default)s)")
-    p.add_argument("--budget_s", type=float, default=390, help="parts starting after this many seconds of checks "
-                   "are skipped; with the build and the loads the whole run stays within 8 minutes "
-                   "(default: %(default)s)")
-    p.add_argument("--out", type=Path, default=Path("runs/gpu"), help="output prefix (default: %(default)s)")
-    args = p.parse_args(argv)
+def run(args):
+    """The benchmark for flags.gpu's arguments: writes the report and prints it."""
     from treg.config import ConfigError
     from treg.hub import quiet_libraries, resolve_device
     from treg.runs import write_report
@@ -290,6 +262,10 @@ def main(argv=None):
     text = markdown_report(data, args)
     write_report(args.out, text, data)
     print(text)
+
+
+def main(argv=None):
+    run(flags.gpu(argv))
 
 
 if __name__ == "__main__":

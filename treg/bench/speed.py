@@ -1,14 +1,7 @@
-"""Speed and memory benchmark: wall time per image and its breakdown (UNet, VAE decode/encode, CLIP image encoder,
-operator, everything else), NFE and peak memory for every solver, plus the blur, gradient-checkpointing and batch
-comparisons. Each configuration runs `solve.py` in its own process so that peak memory is its own.
-
-    python -m treg bench speed                      # tiny random SD built offline, 512², 50 steps
-    python -m treg bench speed --model PATH_OR_ID --steps 200 --device cuda
-
-Writes OUT.md and OUT.json (default runs/speed; `--out assets/speed` refreshes the committed report) and prints the
-tables.
+"""Speed and memory benchmark: wall time per image and its breakdown, NFE and peak memory for every solver, each
+configuration in its own solve.py process. The modes and the flags are described with its command line, `speed` in
+treg/bench/flags.py (`python -m treg bench speed --help`); main(argv) is run(flags.speed(argv)).
 """
-import argparse
 import json
 import os
 import subprocess
@@ -21,6 +14,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from treg.bench import flags
 from treg.config import ROOT, ConfigError
 from treg.operators import build_operator
 from treg.runs import markdown, markdown_table, write_report
@@ -340,34 +334,9 @@ def composed(args, folder):
     print(text)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m treg bench speed", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="tiny", help="'tiny' (built offline), 'analytic', a hub id or a folder")
-    p.add_argument("--steps", type=int, default=50, help="sampling steps per solve (default: %(default)s)")
-    p.add_argument("--image_size", type=int, default=512, help="(default: %(default)s)")
-    p.add_argument("--device", help="torch device (default: as solve.py)")
-    p.add_argument("--solvers", default="ddim,treg,dps,psld,p2l,reddiff", help="(default: %(default)s)")
-    p.add_argument("--fast", default="cci,pigdm,ddrm,treg", help="solvers also timed at their YAML step counts "
-                   "(the few-step solvers against TReg's 200; a solver the model cannot run is listed as an error) "
-                   "(default: %(default)s)")
-    p.add_argument("--out", type=Path, default=Path("runs/speed"), help="output prefix (default: %(default)s)")
-    p.add_argument("--components", action="store_true", help="the real-size report from the parts: each model "
-                   "call once at --image_size (seconds, peak RSS), each solver's time composed from them")
-    p.add_argument("--parts", default="", help="with --components: parts to measure (default: all)")
-    p.add_argument("--checkpointing", action="store_true", help="with --components: the backward parts again "
-                   "with gradient checkpointing")
-    p.add_argument("--compose", type=Path, help="a --components report's JSON: compose each solver's time per "
-                   "image from it (tiny-model call counts; no full-size model needed)")
-    p.add_argument("--outside_from", type=Path, default=Path("assets/speed.json"), help="with --compose: the "
-                   "tiny benchmark's report whose seconds outside the models per step are used (default: "
-                   "%(default)s)")
-    p.add_argument("--count_size", type=int, default=32, help="with --compose: image size of the tiny-model runs "
-                   "that count each schedule's calls (default: %(default)s)")
-    args = p.parse_args(argv)
+def run(args):
+    """The benchmark for flags.speed's arguments: writes the report and prints the tables."""
     if args.compose:
-        if args.solvers == p.get_default("solvers"):
-            args.solvers = ""
         with tempfile.TemporaryDirectory() as tmp:
             composed(args, Path(tmp))
         return
@@ -420,6 +389,10 @@ def main(argv=None):
         "solvers": per_solver, "checkpointing": checkpointing, "batching": batching, "blur": blur, "fast": fast,
         "refused": refused, "settings": {"steps": args.steps, "image_size": args.image_size, "device": args.device}})
     print(text)
+
+
+def main(argv=None):
+    run(flags.speed(argv))
 
 
 if __name__ == "__main__":

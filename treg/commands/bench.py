@@ -1,7 +1,11 @@
 """python -m treg bench NAME [ARGS]: run one benchmark of treg/bench/ (each writes OUT.md and OUT.json under runs/
 by default; `--out assets/NAME` refreshes a committed report). `python -m treg bench NAME --help` describes one."""
-from treg.commands import dispatch
+import importlib
 
+from treg.bench import flags
+from treg.commands import choose
+
+# NAME: what it answers. Its command line is flags.NAME (treg/bench/flags.py), its run treg/bench/NAME.py.
 BENCHMARKS = {
     "accuracy": "does each solver fit y, and does the prompt choose the solution? (exact posterior, analytic prior)",
     "calibration": "are a solver's outputs across seeds distributed like the exact posterior? (analytic prior)",
@@ -19,7 +23,11 @@ def usage():
 
 
 def main(argv=None):
-    dispatch(argv, BENCHMARKS, "treg.bench", usage(), "benchmark")
+    chosen = choose(argv, BENCHMARKS, usage(), "benchmark")
+    if chosen:
+        name, rest = chosen
+        args = getattr(flags, name)(rest)  # --help and a bad flag answer here, before the benchmark imports torch
+        importlib.import_module(f"treg.bench.{name}").run(args)
 
 
 if __name__ == "__main__":
