@@ -130,11 +130,12 @@ def tds(prior, op, y, cfg, *, c, uc, generator=None, callback=None):
         info = {"i": i, "steps": cfg.steps, "t": t, "z": z, "z0": z0, "eps": eps, "log_w": log_w.clone()}
         if i == len(plan) - 1:
             break
-        # (1) adaptive resampling, every per-particle quantity gathered with its particle
+        # (1) adaptive resampling, every per-particle quantity gathered with its particle; the uniforms are drawn on
+        # every step, so that an image's draws do not depend on whether the others of its batch resample
         current = ess(log_w)
         resampled = current < cfg.resample_threshold * n
+        idx = resample_indices(log_w, cfg.resampling, generator)
         if resampled.any():
-            idx = resample_indices(log_w, cfg.resampling, generator)
             idx = torch.where(resampled[:, None], idx, torch.arange(n, device=y.device))
             flat = (idx + n * torch.arange(b, device=y.device)[:, None]).flatten()
             z, z0, log_twist, grad = z[flat], z0[flat], log_twist[flat], grad[flat]
