@@ -2,6 +2,7 @@
 gradient, dense Gaussian kernels and resampling written out; its returned draws against the exact posterior of its
 own chain on a Gaussian prior; its landing on the calibration bed; plumbing on tiny Stable Diffusion and a pixel
 prior; and the convergence benchmark end to end."""
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -221,6 +222,31 @@ def test_tds_draws_approach_the_exact_posterior_of_its_chain_as_particles_grow()
     assert t_mean > 10 * bounds_mean[1] and t_sum > 3 * bounds_sum[1], (t_mean, t_sum)
 
 
+# TDS on the calibration bed at 20 steps, 4 particles, w = 0, measured once over 2000 seeds (10000–11999, disjoint from
+# the test's): "striped" (posterior weight 0.6) 1314 times (0.657 ± 0.011: 4 particles over-weigh the main mode),
+# "spotted" 559, "plain" 127, never the rocket that y rules out; residual 3.872 noise floors on average (per-draw sd
+# 0.158; the exact posterior's: 0.99; the weights cannot pull 192 measured directions in from the last DDPM step's
+# noise with 4 particles, see assets/particles.md).
+BED_STRIPED, BED_DRAWS, BED_RESIDUAL = 1314, 2000, 3.872
+
+
+def test_tds_on_the_calibration_bed_lands_as_measured():
+    """64 seeds, configs/solver/tds.yaml at 20 steps and 4 particles (σ_y = the task's 0.01), w = 0: the landing
+    checks of tests/test_peers.py (support; the main-mode count in the binomial interval of level 1 − 1e-3 around
+    the measured frequency ± 3 s.e., false failure ≤ 0.4 %), and the mean residual within 3.872 ± 0.1 (5 standard
+    errors of a 64-seed mean: false failure < 1e-6). Seen for known-wrong variants (KNOWN_WRONG, seeds 0–63):
+    official-x0-shift residual 3.63; the others 3.90–3.94, within the band (the replay test catches them)."""
+    from test_peers import assert_lands_as_measured
+    bed = cal.build_bed(ROOT)
+    ex = bench.Experiment(bed, list(range(64)))
+    cfg = dataclasses.replace(bench.solver_config("tds", 20, 0.0), particles=4)
+    z, nfe, _ = ex.solve(tds, cfg, "")
+    assert nfe == 80
+    assert_lands_as_measured(bed, ex, z, BED_STRIPED, BED_DRAWS, exact_inside=False)
+    residual = bed.residuals(z).mean().item()
+    assert abs(residual - BED_RESIDUAL) < 0.1, residual
+
+
 def test_each_measurement_is_solved_as_if_alone():
     """Particles of image i sit at i·N + j and draw only from image i's generator: a batch of two equals two single
     solves (float64, to rounding), ESS and resampling counts included; the callback reports one ESS per image."""
@@ -256,3 +282,35 @@ def test_tds_runs_on_tiny_stable_diffusion_and_a_pixel_prior(tiny_prior):
             del prior.eps
         assert x.shape == (1, 3, 64, 64) and torch.isfinite(x).all()
         assert calls == [4, 4]  # 2 particles × CFG's 2 branches, on each of the 2 steps
+
+
+def test_bench_particles_end_to_end(tmp_path, capsys, monkeypatch):
+    """Tiny settings: every (w, N) cell and the exact rows, seeds capped by the particle budget, NFE = N·steps (×2 with
+    CFG), per-seed final ESS within [1/N, 1] of N, the CFG law only where w ∉ {0, 1}, the table, JSON and figure."""
+    monkeypatch.setattr(bench, "CFG_DRAWS", 50)
+    monkeypatch.setattr(bench, "CFG_STEPS", 6)
+    out = tmp_path / "p"
+    particles_bench.main(["--particles", "1,3", "--seeds", "4", "--particle_budget", "9", "--steps", "3",
+                          "--guidance", "0,2", "--set", "tds.tausq=0.01", "--out", str(out)])
+    table = (tmp_path / "p.md").read_text()
+    assert table == capsys.readouterr().out
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = json.loads((tmp_path / "p.json").read_text())["rows"]
+    assert [(r["w"], r["particles"]) for r in rows] == [(w, n) for w in (0, 2) for n in (0, 1, 3)]
+    cells = {(r["w"], r["particles"]): r for r in rows}
+    assert [len(cells[0, n]["runs"]["landed"]) for n in (0, 1, 3)] == [4, 4, 3]  # min(4, 9 // N)
+    assert cells[0, 3]["nfe"] == 9 and cells[2, 3]["nfe"] == 18 and cells[2, 1]["nfe"] == 6
+    assert all(1 / 3 - 1e-9 <= e / 3 <= 1 for e in cells[0, 3]["runs"]["ess"])
+    assert cells[0, 1]["law"] is None and len(cells[2, 1]["law"]) == 4 and "tv_cfg" in cells[2, 1]["stats"]
+    assert "τ² = 0.01" in table and "| exact | 4 |" in table
+
+
+@pytest.mark.parametrize("argv, message", [(["--particles", "0"], "positive"), (["--seeds", "1"], "at least 2"),
+                                           (["--steps", "1000"], "[1, 999]"), (["--guidance", "-1"], "[0, 100]"),
+                                           (["--set", "treg.steps=3"], "only tds.KEY"),
+                                           (["--set", "tds.tausq=-1"], "tausq")])
+def test_bench_particles_bad_arguments_are_one_line_errors(tmp_path, argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        particles_bench.main(argv + ["--out", str(tmp_path / "p")])
+    assert message in str(exit_info.value.code) + capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
