@@ -191,7 +191,8 @@ def gaussian_chain_problem(steps):
             break
         beta = 1 - a / a_prev
         c1, c2 = a_prev ** 0.5 * beta / (1 - a), (a / a_prev) ** 0.5 * (1 - a_prev) / (1 - a)
-        m, q = (c1 * gain + c2) * m + c1 * shift * mu.flatten(), (c1 * gain + c2) ** 2 * q + beta * (1 - a_prev) / (1 - a)
+        step = c1 * gain + c2
+        m, q = step * m + c1 * shift * mu.flatten(), step ** 2 * q + beta * (1 - a_prev) / (1 - a)
     cov = torch.linalg.inv(torch.eye(6, dtype=torch.float64) / q + M.T @ M / sigma ** 2)
     return prior, op, y, sigma, cov @ (m / q + M.T @ y.flatten() / sigma ** 2), cov
 

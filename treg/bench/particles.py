@@ -118,8 +118,8 @@ def markdown(bed, rows, args, seconds):
         head = (f"## w = {w:g}, prompt \"{mine[0]['prompt']}\": target the exact posterior ({target})" if exact else
                 f"## w = {w:g}, prompt \"{mine[0]['prompt']}\": no exact target (tilted weights {target}, CFG law "
                 f"{'/'.join(f'{v:.3f}' for v in mine[1]['law'])})")
-        lines += [head, "", "| N | seeds | NFE | TV | " + ("" if exact else "TV CFG | ") + "spread meas. | spread null | "
-                  "residual | residual W1 | final ESS / N | resamples | s / seed |",
+        lines += [head, "", "| N | seeds | NFE | TV | " + ("" if exact else "TV CFG | ")
+                  + "spread meas. | spread null | residual | residual W1 | final ESS / N | resamples | s / seed |",
                   "|---" * (12 if exact else 13) + "|"]
         for r in mine:
             s = r["stats"]

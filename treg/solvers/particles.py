@@ -78,8 +78,8 @@ def tds(prior, op, y, cfg, *, c, uc, generator=None, callback=None):
         (0)     z_T ~ N(0, I), log w = log p̃_T(y | z_T)
         (1)     resample within each measurement where ESS < threshold·N (log w then 0)
         (2)     proposal q(z_t' | z_t, y) = N(μ + β̃·∇ log p̃_t(y | z_t), β̃I) around the DDPM kernel
-                p(z_t' | z_t) = N(μ(ẑ0), β̃I) of Ho et al.: the paper's "variance times (score + twist gradient)"
-                (Algorithm 1, the proposal of eq. 8), ∇ by autograd through ε̂, D and A
+                p(z_t' | z_t) = N(μ(ẑ0), β̃I) of Ho et al.: the paper's proposal, its variance times (score + twist
+                gradient) added to the mean (§3, Algorithm 1, read, not replayed), ∇ by autograd through ε̂, D and A
         (3)     log w += log p(z_t' | z_t) + log p̃_t'(y | z_t') − log q(z_t' | z_t, y) − log p̃_t(y | z_t)
         (4)     after the last level: z_0 = ẑ0(z_t), the untwisted DDPM last step's mean (Ho et al. §3.3; official
                 use_mean_pred), log w += log p(y | D(z_0)) − log p̃_t(y | z_t), exact likelihood N(y; A D(z_0), σ_y²)
@@ -94,10 +94,11 @@ def tds(prior, op, y, cfg, *, c, uc, generator=None, callback=None):
 
     Not the official code's choices: it moves ẑ0 by (1−ᾱ)/√ᾱ·∇ (the mean by β/√α·∇, β = 1 − ᾱ/ᾱ'), which at
     coarse steps near the end, where β̃ ≪ β, shifts the mean by many kernel widths and collapses the weights (a
-    Gaussian bed: final ESS 1.4 of 64 at 20 steps); it clamps that ẑ0 to [−1, 1] (latents are not images); it uses a
-    learned variance (our priors have none: β̃ = β(1−ᾱ')/(1−ᾱ), the DDPM "fixed small" one). The callback gets z (the particles
-    before (1)), z0, eps, log_w (B, N) before (1), ess (B,), resampled (B,) and resamples (B,) so far; at the last
-    step after (4), with the final ESS.
+    Gaussian inpainting bed at 20 steps, measured while writing this: final ESS 1.4 of 64, 6.3 with β̃); it clamps that ẑ0 to [−1, 1] (latents are not images); it uses a
+    learned variance (our priors have none: β̃ = β(1−ᾱ')/(1−ᾱ), the DDPM "fixed small" one).
+
+    The callback gets z (the particles before (1)), z0, eps, log_w (B, N) before (1), ess (B,), resampled (B,) and
+    resamples (B,) so far; at the last step after (4), with the final ESS.
     """
     if cfg.sigma_y is None:
         raise ConfigError("tds: sigma_y is not set (solve.py sets it to the task's noise_scale)")
