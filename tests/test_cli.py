@@ -154,6 +154,7 @@ BENCH_HELP = {  # a few flags each benchmark's --help must list, and phrases of 
     "inversion": ["--steps", "--seeds_ws", "--skip_warm_start", "--device", "Round trip", "Warm start"],
     "speed": ["--model", "--components", "--compose", "--outside_from", "peak memory"],
     "gpu": ["--model", "--dtypes", "--budget_s", "--compile_backend", "host syncs", "smoke form"],
+    "particles": ["--particles", "--particle_budget", "--steps", "--chunk", "final ESS", "exact posterior"],
 }
 
 

@@ -3,6 +3,7 @@
     latent.py     DDIM, TReg, DPS, PSLD, P2L, RED-diff: one loop each, the prior and operator as arguments
     fast.py       CCI (C-ΠGDM), ΠGDM, DDRM: few-step solvers that use H⁺ of the measurement on the latents
     peers.py      the peers' solvers: DiffPIR, DAPS, ReSample
+    particles.py  TDS, the twisted diffusion sampler: sequential Monte Carlo, consistent as particles → ∞
     inversion.py  DDIM inversion, fixed-point and RNRI inversion, and the warm start some solvers can use
 
 Solvers never load a model: the prior arrives as an argument (treg.priors.load builds one).
@@ -13,6 +14,7 @@ from treg.config import CONFIGS, load_solver
 from treg.solvers.fast import CCIConfig, DDRMConfig, PiGDMConfig, cci, ddrm, pigdm
 from treg.solvers.latent import (DDIMConfig, DPSConfig, P2LConfig, PSLDConfig, REDDiffConfig, TRegConfig, ddim, dps,
                                  p2l, psld, reddiff, treg)
+from treg.solvers.particles import TDSConfig, tds
 from treg.solvers.peers import DAPSConfig, DiffPIRConfig, ReSampleConfig, daps, diffpir, resample
 
 SOLVERS = {
@@ -28,12 +30,13 @@ SOLVERS = {
     "diffpir": (diffpir, DiffPIRConfig),
     "daps": (daps, DAPSConfig),
     "resample": (resample, ReSampleConfig),
+    "tds": (tds, TDSConfig),
 }
 
 
 def with_noise(cfg, noise_scale):
     """cfg with sigma_y = the task's noise std where the solver models y's noise and its YAML leaves it unset
-    (ΠGDM, DDRM, DiffPIR, DAPS, TReg's cg_lamb_noise option); any other config as it is."""
+    (ΠGDM, DDRM, DiffPIR, DAPS, TDS, TReg's cg_lamb_noise option); any other config as it is."""
     return dataclasses.replace(cfg, sigma_y=noise_scale) if getattr(cfg, "sigma_y", 0) is None else cfg
 
 
