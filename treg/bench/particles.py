@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from treg.bench import beds as cal
 from treg.bench import flags
-from treg.bench.calibration import GUIDED, Experiment, solver_config
+from treg.bench.calibration import GUIDED, Experiment, ci, solver_config
 from treg.config import ROOT, ConfigError
 from treg.images import atomic_write
 from treg.profiling import PRIOR_PARTS, Profiler
@@ -77,11 +77,6 @@ def experiments(args, bar):
                          "law": None if law is None else law.tolist()})
             bar.update()
     return bed, rows
-
-
-def ci(stat, digits=2):
-    value, low, high = stat
-    return f"{value:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
 
 
 def markdown(bed, rows, args, seconds):
