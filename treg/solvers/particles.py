@@ -174,7 +174,7 @@ class TDSSVDConfig:
     steps: int = bounded(50, 1, 999)             # ancestral steps; the last one goes to the clean level ᾱ = 1
     cfg_guidance: float = bounded(0.0, 0, 100)   # w of ε̂; 0 = null text only (the chain's prior is then exact)
     sigma_y: float | None = bounded(None, 0, 10)  # y's noise std; None = the task's noise_scale
-    tausq: float = bounded(0.01, 0, 1e6, low_open=True)  # τ²: the per-coordinate prior variance behind c(ᾱ)
+    tausq: float = bounded(0.1, 0, 1e6, low_open=True)  # τ²: the per-value prior variance behind c(ᾱ)
     resample_threshold: float = bounded(1.0, 0, 1)  # resample where ESS < threshold·N (1: whenever weights differ)
     resampling: str = one_of("systematic", ("systematic", "multinomial"))
 
