@@ -329,15 +329,16 @@ Convergence of a particle sampler (treg.solvers.particles: tds, or tds-svd with 
 the particle count N grows: does the one particle it returns per seed sample the exact posterior?
 
 The bed is treg/bench/beds.py's (×8 SR at 64², σ = 0.01, exact posterior weights 0.6/0.3/0.1 on three null-space
-details); the solver runs with configs/solver/SOLVER.yaml, only `particles`, `steps` and `cfg_guidance` set here (and --set).
-Settings: w = 0 with the empty prompt and w = 1 with the guided prompt ("plain"): the analytic ε is the true score,
-so the chain's prior is exact and the exact posterior is the target that the sampler converges to as N → ∞ (up to the DDPM
-chain's discretisation at --steps). Other w: CFG's field is no prior's score, so there is no posterior to converge to;
-those rows are reported against the tilted posterior (TV) and the exact CFG sampler's landing law (TV CFG), with no
-claim. Per (setting, N), the statistics of treg.bench.beds.statistics over the seeds with 95 % bootstrap intervals
-(1000 resamples): TV, spread ratio measured/null, residual and its W1 to the exact posterior's residuals (4000
-draws); NFE per image (N·steps, CFG ×2), the mean final ESS and resampling count per seed, seconds per seed. Seeds
-per cell: min(--seeds, --particle_budget / N). Row `exact`: exact posterior draws at --seeds.
+details); the solver runs with configs/solver/SOLVER.yaml, only `particles`, `steps` and `cfg_guidance` set here (and
+--set). Settings: w = 0 with the empty prompt and w = 1 with the guided prompt ("plain"): the analytic ε is the true
+score, so the chain's prior is exact and the exact posterior is the target that the sampler converges to as N → ∞ (up
+to the DDPM chain's discretisation at --steps, and for tds-svd its kernel's τ²). Other w: CFG's field is no prior's
+score, so there is no posterior to converge to; those rows are reported against the tilted posterior (TV) and the
+exact CFG sampler's landing law (TV CFG), with no claim. Per (setting, N), the statistics of
+treg.bench.beds.statistics over the seeds with 95 % bootstrap intervals (1000 resamples): TV, spread ratio
+measured/null, residual and its W1 to the exact posterior's residuals (4000 draws); NFE per image (N·steps, CFG ×2),
+the mean final ESS and resampling count per seed, seconds per seed. Seeds per cell: min(--seeds, --particle_budget /
+N). Row `exact`: exact posterior draws at --seeds.
 
     python -m treg bench particles --threads 1 --out assets/particles    # the committed report
     python -m treg bench particles --solver tds-svd --threads 1 --out assets/particles-svd

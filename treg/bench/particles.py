@@ -31,8 +31,9 @@ PANELS = [("tv", "TV to the posterior weights"), ("spread_measured", "spread rat
 
 
 def solve_cell(bed, solver, cfg, prompt, seeds, chunk):
-    """The particle sampler `solver` on the bed's y once per seed, in batches of about `chunk` particles: latents (n, 4, 8, 8), NFE per seed,
-    seconds per seed, and per seed the final ESS and the number of resampling steps (from the callback)."""
+    """The particle sampler `solver` on the bed's y once per seed, in batches of about `chunk` particles: latents
+    (n, 4, 8, 8), NFE per seed, seconds per seed, and per seed the final ESS and the number of resampling steps (from
+    the callback)."""
     uc, c = bed.prior.embed(["", prompt]).chunk(2)
     per_call = max(1, chunk // cfg.particles)
     z, ess, resamples, nfe, wall = [], [], [], 0, 0.0
@@ -41,8 +42,8 @@ def solve_cell(bed, solver, cfg, prompt, seeds, chunk):
         profiler, seen = Profiler("cpu"), []
         begin = time.perf_counter()
         x = SOLVERS[solver][0](profiler.wrap(bed.prior, PRIOR_PARTS), bed.op, bed.y.expand(len(part), -1, -1, -1),
-                                 cfg, c=c, uc=uc, generator=[torch.Generator().manual_seed(1000 + s) for s in part],
-                              callback=seen.append)
+                               cfg, c=c, uc=uc, generator=[torch.Generator().manual_seed(1000 + s) for s in part],
+                               callback=seen.append)
         wall += time.perf_counter() - begin
         if not torch.isfinite(x).all():
             raise FloatingPointError("non-finite solution")
@@ -72,8 +73,8 @@ def experiments(args, bar):
             stats = cal.intervals(fns, len(seeds))
             stats["ess"] = cal.interval(lambda i: ess[i].mean(-1) / n, len(seeds))
             stats["resamples"] = cal.interval(lambda i: resamples[i].mean(-1), len(seeds))
-            rows.append({"w": w, "prompt": prompt, "particles": n, "solver": args.solver, "seeds": len(seeds), "nfe": nfe,
-                         "seconds": seconds, "stats": stats, "runs": runs | {"ess": ess.round(3).tolist()},
+            rows.append({"w": w, "prompt": prompt, "particles": n, "solver": args.solver, "seeds": len(seeds),
+                         "nfe": nfe, "seconds": seconds, "stats": stats, "runs": runs | {"ess": ess.round(3).tolist()},
                          "target": "exact posterior" if exact else "none (tilted posterior and CFG law reported)",
                          "law": None if law is None else law.tolist()})
             bar.update()
@@ -133,8 +134,8 @@ def figure(rows, args, path):
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("particles N")
     fig.legend(*axes.flat[0].get_legend_handles_labels(), loc="center right", fontsize=9)
-    fig.suptitle(f"{args.solver} on the exact bed vs particle count ({args.steps} steps; bars: 95 % bootstrap CI; dashed: "
-                 "exact posterior draws)")
+    fig.suptitle(f"{args.solver} on the exact bed vs particle count ({args.steps} steps; bars: 95 % bootstrap CI; "
+                 "dashed: exact posterior draws)")
     fig.tight_layout(rect=(0, 0, 0.9, 1))
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)

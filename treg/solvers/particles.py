@@ -174,7 +174,7 @@ class TDSSVDConfig:
     steps: int = bounded(50, 1, 999)             # ancestral steps; the last one goes to the clean level ᾱ = 1
     cfg_guidance: float = bounded(0.0, 0, 100)   # w of ε̂; 0 = null text only (the chain's prior is then exact)
     sigma_y: float | None = bounded(None, 0, 10)  # y's noise std; None = the task's noise_scale
-    tausq: float = bounded(0.1, 0, 1e6, low_open=True)  # τ²: the per-value prior variance behind c(ᾱ)
+    tausq: float = bounded(0.01, 0, 1e6, low_open=True)  # τ²: the kernel's and twist's prior variance behind c(ᾱ)
     resample_threshold: float = bounded(1.0, 0, 1)  # resample where ESS < threshold·N (1: whenever weights differ)
     resampling: str = one_of("systematic", ("systematic", "multinomial"))
 
@@ -212,9 +212,12 @@ def tds_svd(prior, op, y, cfg, *, c, uc, generator=None, callback=None):
 
     Under a Gaussian prior of variance τ² the proposal is the exact conditional and the weights stay flat after the
     first resampling (tested); otherwise the weights correct the Gaussian assumption, and the sampler targets
-    p_chain(z_0:T)·p(y | z_0) as N → ∞ like TDS. It needs H's full orthogonal V: pixel priors with an SVD (SR,
-    inpainting; Gaussian blur's is rank-truncated, so its likelihood is too) and linear decoders up to
-    treg.latent_ops.DENSE_LIMIT latent values. Not Stable Diffusion (A∘decode is nonlinear), not motion blur.
+    p_chain(z_0:T)·p(y | z_0) as N → ∞ like TDS. τ² enters the kernel, so it is part of that chain: the last
+    kernel's variance c(ᾱ_1) should be the prior's spread around ẑ0 at the last level (its modes' width), or the
+    null space comes out too wide or too narrow whatever N (configs/solver/tds-svd.yaml). It needs H's full
+    orthogonal V: pixel priors with an SVD (SR, inpainting; Gaussian blur's is rank-truncated, so its likelihood is
+    too) and linear decoders up to treg.latent_ops.DENSE_LIMIT latent values. Not Stable Diffusion (A∘decode is
+    nonlinear), not motion blur.
 
     Returns D(z_0) of one particle per measurement drawn from its final weights. The callback gets what tds's gets.
     """
