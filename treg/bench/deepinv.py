@@ -63,7 +63,7 @@ DIFFERENCES = {  # sampler: what deepinv 0.5.0 does otherwise than the paper and
         "(`deepinv/sampling/diffusion_sde.py:PosteriorDiffusion.score`: score − ½·weight·∇‖A D(x) − y‖/scale in "
         "[0, 1] units), which `deepinv/sampling/sde_solver.py:AncestralSolver.step` multiplies by "
         "s₀s₁σ₀²(1 − r²): the step on ∇‖y − A D(x)‖ shrinks with the level, where ours (`treg.solvers.latent.dps`) "
-        "takes a constant step ζ every step. The measured ratio is in the table below.",
+        "takes a constant step ζ every step. The measured steps are in the DPS table above.",
         "Its default solver is `ddpm` (`DDPMSolver`, η = 1, fresh noise every step), ours DDIM with η = 0; its VP "
         "schedule is the continuous β(t) = 0.1 + 19.9t (`VariancePreservingDiffusion`) on `linspace(1, 0, "
         "num_steps)`, ours SD's scaled-linear ᾱ.",
@@ -208,24 +208,30 @@ class Deepinv:
                     max_iter=cfg.steps, zeta=cfg.zeta, lambda_=lam)
         return 2 * model(self.y_u(n), self.physics).double() - 1
 
-    def dps_model(self, steps, weight, solver="ddpm", seed=0):
-        return self.dinv.sampling.DPS(denoiser=self.denoiser, num_steps=steps, weight=weight, solver=solver,
-                                      rng=torch.Generator().manual_seed(seed))
+    def dps_model(self, steps, weight, solver="ddpm", seed=0, profile=None):
+        """deepinv's DPS; with `profile` = (σ_u per step, weight per step, clip), its data term weighs each step by
+        the weight of the nearest σ_u (a subclass of DPSDataFidelity: not a deepinv option, a probe)."""
+        model = self.dinv.sampling.DPS(denoiser=self.denoiser, num_steps=steps, weight=weight, solver=solver,
+                                       rng=torch.Generator().manual_seed(seed))
+        if profile is not None:
+            model.data_fidelity = profiled_fidelity(self.dinv, self.denoiser, *profile)
+        return model
 
-    def dps(self, n, steps, weight, solver="ddpm", seed=0):
-        model = self.dps_model(steps, weight, solver, seed)
+    def dps(self, n, steps, weight, solver="ddpm", seed=0, profile=None):
+        model = self.dps_model(steps, weight, solver, seed, profile)
         return 2 * model(self.y_u(n), self.physics, x_init=(n, *self.view.latent_shape), seed=seed).double() - 1
 
-    def dps_steps(self, steps, weight=1.0, seed=0):
+    def dps_steps(self, steps, solver="ddpm"):
         """deepinv DPS's effective step on ∇_x‖y − M D(x/scale)‖ (the state's gradient, [−1, 1] units, as our ζ) at
-        each of its steps, measured: one solver step from a probe state with the data term and one with weight 0,
-        the same noise; their difference is −ζ_eff·∇ (∇ with deepinv's clip of D, [−3, 1] in state units). Returns (ζ_eff per step, the cosine of the difference with
-        −∇, which is 1 when the data term enters as a step along ∇)."""
-        guided, plain = self.dps_model(steps, weight), self.dps_model(steps, 0.0)
+        each of its steps at weight 1, measured: one solver step from a probe state with the data term and one with
+        weight 0, the same noise; their difference is −ζ_eff·∇ (∇ with deepinv's clip of D, [−3, 1] in state
+        units). Returns (ζ_eff per step, the cosine of the difference with −∇, which is 1 when the data term
+        enters as a step along ∇, and σ_u = σ_t/2 per step, the level its data term is called at)."""
+        guided, plain = self.dps_model(steps, 1.0, solver), self.dps_model(steps, 0.0, solver)
         times = guided.solver.timesteps
         y = self.y_u(1)
         mu = self.denoiser.mu[:1].view(1, *self.view.latent_shape)
-        zeta, cosine = [], []
+        zeta, cosine, levels = [], [], []
         for t0, t1 in zip(times[:-1], times[1:]):
             scale, sigma = guided.sde.scale_t(t0), guided.sde.sigma_t(t0)
             x = scale * (mu + sigma * torch.randn(mu.shape, generator=torch.Generator().manual_seed(5),
@@ -243,7 +249,22 @@ class Deepinv:
                 grad, = torch.autograd.grad(loss, v)
             zeta.append(float(-(delta * grad).sum() / (grad * grad).sum()))
             cosine.append(float(-(delta * grad).sum() / (delta.norm() * grad.norm())))
-        return zeta, cosine
+            levels.append(float(sigma) / 2)
+        return zeta, cosine, levels
+
+
+def profiled_fidelity(dinv, denoiser, levels, weights, clip=(-1.0, 1.0)):
+    """deepinv's DPSDataFidelity (norm guidance; DPS's clip [−1, 1] unless `clip` is None) whose weight at level σ_u
+    is weights[i] of the nearest levels[i]."""
+    levels, weights = torch.tensor(levels, dtype=torch.float64), torch.tensor(weights, dtype=torch.float64)
+
+    class Profiled(dinv.sampling.DPSDataFidelity):
+        def forward(self, x, y, physics, sigma, *args, get_model_outputs=False, **kwargs):
+            out = super().forward(x, y, physics, sigma, *args, get_model_outputs=get_model_outputs, **kwargs)
+            w = weights[(levels - float(sigma)).abs().argmin()]
+            return (w * out[0], out[1]) if get_model_outputs else w * out
+
+    return Profiled(denoiser=denoiser, clip=clip, weight=1.0)
 
 
 # ------------------------------------------------------------------------------------------------ the statistics
@@ -290,7 +311,11 @@ def cells(samplers):
         "dps": [("ours", "ours", "treg dps, configs/solver/dps.yaml (200 DDIM steps, η 0, step 1)"),
                 ("deepinv", "deepinv", "deepinv DPS as shipped: 200 steps, weight 1, DDPM solver"),
                 ("deepinv matched weight", "deepinv", "weight w* so that its steps sum to ours (measured below)"),
-                ("deepinv matched weight, DDIM", "deepinv", "and its deterministic DDIM solver (η 0), as ours")],
+                ("deepinv matched weight, DDIM", "deepinv",
+                 "its deterministic DDIM solver (η 0, as ours), weight w* of that solver"),
+                ("deepinv DDIM, our step", "deepinv", "DDIM, each step's weight 1/ζ_eff so that every step is our "
+                 "step 1 (a probe: per-step weights are no deepinv option)"),
+                ("deepinv DDIM, our step, no clip", "deepinv", "and without the clip of D in the data term")],
     }
     return [(s, *cell) for s in samplers for cell in table[s]]
 
@@ -307,9 +332,12 @@ def solve(dv, view, sampler, label, n, seeds, matched):
     if sampler == "diffpir":
         lam = 3.5 if "3.5" in label else cfg.lam
         return dv.diffpir(n, cfg, lam, clamp="no clamp" not in label, estimate="estimate" in label), cfg.steps
-    weight = matched if "matched" in label else 1.0
     solver = "ddim" if "DDIM" in label else "ddpm"
-    return dv.dps(n, cfg.steps, weight, solver, seed=seeds[0]), cfg.steps - 1  # num_steps times, steps between
+    step = matched[solver]
+    weight = step["matched_weight"] if "matched" in label else 1.0
+    clip = None if "no clip" in label else (-1.0, 1.0)
+    profile = (step["levels"], [cfg.step_size / z for z in step["zeta"]], clip) if "our step" in label else None
+    return dv.dps(n, cfg.steps, weight, solver, seed=seeds[0], profile=profile), cfg.steps - 1  # steps between times
 
 
 def run(args):
@@ -323,21 +351,21 @@ def run(args):
     seeds = list(range(args.seed, args.seed + args.seeds))
     ex = Experiment(bed, seeds)
     log_w, reference = ex.target("", 0.0)
-    report = {"rows": [ex.exact_row("", 0.0)], "pairs": [], "dps_steps": None}
-    matched = None
+    report = {"rows": [ex.exact_row("", 0.0)], "pairs": [], "dps_steps": {}}
     if "dps" in args.samplers:
-        steps = solver_config("dps", None, 0.0).steps
-        zeta, cosine = dv.dps_steps(steps)
-        ours = solver_config("dps", None, 0.0).step_size * steps  # ours: step_size on each of its steps
-        matched = ours / sum(zeta)
-        report["dps_steps"] = {"steps": steps, "zeta": zeta, "cosine": cosine, "sum": sum(zeta), "ours_sum": ours,
-                               "ratio": ours / sum(zeta), "matched_weight": matched}
+        cfg = solver_config("dps", None, 0.0)
+        ours = cfg.step_size * cfg.steps  # ours: step_size on each of its steps
+        for solver in ("ddpm", "ddim"):
+            zeta, cosine, levels = dv.dps_steps(cfg.steps, solver)
+            report["dps_steps"][solver] = {"steps": cfg.steps, "zeta": zeta, "cosine": cosine, "levels": levels,
+                                           "sum": sum(zeta), "ours_sum": ours, "ratio": ours / sum(zeta),
+                                           "matched_weight": ours / sum(zeta)}
     latents = {}
     todo = cells(args.samplers)
     for index, (sampler, label, impl, what) in enumerate(tqdm(todo, file=sys.stderr, unit="cell")):
         torch.manual_seed(args.seed + 7919 * (index + 1))  # deepinv draws from torch's global generator
         start = time.perf_counter()
-        z, nfe = solve(dv, view, sampler, label, args.seeds, seeds, matched)
+        z, nfe = solve(dv, view, sampler, label, args.seeds, seeds, report["dps_steps"])
         seconds = (time.perf_counter() - start) / args.seeds
         if not torch.isfinite(z).all():
             raise FloatingPointError(f"{sampler} {label}: non-finite solution")
@@ -401,17 +429,19 @@ def markdown(report, args, seconds, host):
         verdict = "yes" if pair["agrees"] else "no: " + ", ".join(pair["flagged_by"])
         lines.append(f"| {pair['sampler']} | {pair['b']} | " + " | ".join(f"{pair['pvalues'][k]:.4f}"
                                                                        for k in cal.TESTED) + f" | {verdict} |")
-    step = report["dps_steps"]
-    if step:
-        zeta = step["zeta"]
+    if report["dps_steps"]:
         lines += ["", "## DPS: deepinv's step on ∇‖y − A D(x)‖", "",
-                  f"Measured on each of deepinv DPS's {len(zeta)} steps at weight 1 (one solver step with the data term "
-                  "minus one with weight 0, the same noise, projected on −∇_x‖y − M D(x)‖ at a probe state; cosine "
-                  f"of the difference with −∇ {min(step['cosine']):.6f} to {max(step['cosine']):.6f}): the steps sum "
-                  f"to {step['sum']:.3f} where ours (step 1 on each of its {step['steps']} steps) sum to "
-                  f"{step['ours_sum']:g}, so weight 1 is {step['ratio']:.1f}× weaker than our step 1, and weight "
-                  f"w* = {step['matched_weight']:.2f} matches the sum. Per step: first {zeta[0]:.2e}, middle "
-                  f"{zeta[len(zeta) // 2]:.2e}, last {zeta[-1]:.2e}, largest {max(zeta):.2e} (ours: 1 on every step)."]
+                  "Measured on each of deepinv DPS's steps at weight 1: one solver step with the data term minus one "
+                  "with weight 0 (the same noise), projected on −∇_x‖y − M D(x)‖ at a probe state; ours takes step "
+                  "1 on each of its steps.", "",
+                  "| solver | steps | cosine with −∇ | Σ ζ_eff | ours Σ | weight 1 is weaker by | w* | first | "
+                  "middle | last |", "|---" * 10 + "|"]
+        for solver, step in report["dps_steps"].items():
+            zeta = step["zeta"]
+            lines.append(f"| {solver} | {len(zeta)} | {min(step['cosine']):.6f}–{max(step['cosine']):.6f} | "
+                         f"{step['sum']:.3f} | {step['ours_sum']:g} | {step['ratio']:.1f}× | "
+                         f"{step['matched_weight']:.2f} | {zeta[0]:.2e} | {zeta[len(zeta) // 2]:.2e} | "
+                         f"{zeta[-1]:.2e} |")
     lines += ["", "## How deepinv 0.5.0 differs (its source)", ""]
     for sampler in args.samplers:
         lines += [f"- **{sampler}**: " + " ".join(DIFFERENCES[sampler])]
