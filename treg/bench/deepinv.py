@@ -74,13 +74,13 @@ DIFFERENCES = {  # sampler: what deepinv 0.5.0 does otherwise than the paper and
 
 
 def import_deepinv():
-    """deepinv, or exit with one line saying that it does not import and where it is meant to run."""
+    """deepinv, or exit with one line saying that it does not import and how to install it."""
     try:
         import deepinv
     except Exception as err:  # noqa: BLE001  (torchvision may fail with other than ImportError)
         first = str(err).splitlines()[0][:160] if str(err) else ""
-        sys.exit(f"error: deepinv does not import ({type(err).__name__}: {first}); this benchmark runs in a second "
-                 f"virtual environment with deepinv=={TESTED_VERSION} and torchvision (docs/benchmarks.md)")
+        sys.exit(f"error: deepinv does not import ({type(err).__name__}: {first}); run this benchmark in a second "
+                 f"virtual environment with `pip install deepinv=={TESTED_VERSION} torchvision` (docs/benchmarks.md)")
     return deepinv
 
 
