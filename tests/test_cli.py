@@ -155,6 +155,7 @@ BENCH_HELP = {  # a few flags each benchmark's --help must list, and phrases of 
     "speed": ["--model", "--components", "--compose", "--outside_from", "peak memory"],
     "gpu": ["--model", "--dtypes", "--budget_s", "--compile_backend", "host syncs", "smoke form"],
     "particles": ["--particles", "--particle_budget", "--steps", "--chunk", "final ESS", "exact posterior"],
+    "deepinv": ["--samplers", "--seeds", "--permutations", "DecomposablePhysics", "Bonferroni", "one-line error"],
 }
 
 

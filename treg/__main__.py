@@ -10,7 +10,7 @@ COMMANDS = {
     "figure": "draw the demo figure (input | reconstructions | ...) from solve.py workdirs",
     "tiny": "write a tiny (or full-size) random Stable-Diffusion-shaped model folder, offline",
     "food101": "write a fabricated Food-101-layout folder for the offline protocol run",
-    "bench": "run a benchmark: accuracy, calibration, fast, inversion, speed, gpu",
+    "bench": "run a benchmark: accuracy, calibration, fast, particles, deepinv, inversion, speed, gpu",
 }
 
 

@@ -368,3 +368,52 @@ def particles(argv=None):
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     return args
+
+
+DEEPINV = """\
+Side by side with deepinv 0.5 (the pixel-space reference library): its DDRM, DiffPIR and DPS against ours (the
+solvers ddrm, diffpir, dps) on the calibration bed, with the same prior, the same operator and the same y. Not for
+CI: it needs deepinv, which needs torchvision, so it runs in a second virtual environment (docs/benchmarks.md).
+
+The bed is treg/bench/beds.py's (×8 SR at 64², σ = 0.01, exact posterior weights 0.6/0.3/0.1 on three null-space
+details), seen as a pixel prior: the analytic mixture on its 4×8×8 diffusion variable with an identity "VAE", and
+the operator M = A∘decode (192 measured of 256 values) as the pixel operator, so that our solvers take their pixel
+path (DiffPIR's prox on the diffusion variable, as the paper and deepinv) and deepinv gets a DecomposablePhysics from
+M's SVD and the exact MMSE denoiser of the mixture, in its [0, 1] convention. Cells: ours at its YAML's steps, w = 0;
+deepinv as shipped, with the same steps and (DDRM) the same noise levels; and deepinv with one documented difference
+removed at a time, to explain a disagreement. DPS's data step is also measured: deepinv's effective step on
+∇‖y − A D(x)‖ per step, from one solver step with and without the data term.
+Per cell and seed the statistics of treg.bench.beds.statistics with 95 % bootstrap intervals (1000 resamples):
+    tv, spread meas/null, residual, residual W1, rel. L2, consistent   (as `python -m treg bench calibration`)
+Agreement of a pair of cells: the two-sample permutation test of each statistic (the 2n solutions pooled and
+relabelled at random, 2000 permutations, p = (1 + #{|permuted difference| ≥ |observed|})/(1 + 2000)); the pair
+agrees when no p-value is ≤ 0.05/7 (Bonferroni over the 7 statistics). The control pair (our DDRM against itself on
+disjoint seeds) is a genuine null.
+
+    CUDA_VISIBLE_DEVICES= HF_HUB_OFFLINE=1 /work/venv-deepinv/bin/python -m treg bench deepinv --threads 1 \\
+        --out assets/deepinv                                                 # the committed report
+    python -m treg bench deepinv --seeds 16 --samplers ddrm --out /tmp/deepinv
+
+Writes OUT.md and OUT.json. Exits with a one-line error when deepinv does not import.
+"""
+DEEPINV_SAMPLERS = ("ddrm", "diffpir", "dps")
+
+
+def deepinv(argv=None):
+    p = parser("deepinv", DEEPINV)
+    p.add_argument("--samplers", default=",".join(DEEPINV_SAMPLERS),
+                   help="comma-separated, of ddrm, diffpir, dps (default: %(default)s)")
+    p.add_argument("--seeds", type=int, default=200, help="solver seeds per cell (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of y's noise and the first solver seed (default: 0)")
+    p.add_argument("--permutations", type=int, default=2000, help="relabellings of each two-sample permutation "
+                   "test (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads; the tensors are tiny (default: 1)")
+    p.add_argument("--out", type=Path, default=Path("runs/deepinv"), help="writes OUT.md, OUT.json "
+                   "(default: %(default)s)")
+    args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    args.samplers = comma_list(args.samplers)
+    unknown = [s for s in args.samplers if s not in DEEPINV_SAMPLERS]
+    if unknown:
+        p.error(f"--samplers: unknown {', '.join(unknown)} (choose from {', '.join(DEEPINV_SAMPLERS)})")
+    return args

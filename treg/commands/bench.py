@@ -11,6 +11,7 @@ BENCHMARKS = {
     "calibration": "are a solver's outputs across seeds distributed like the exact posterior? (analytic prior)",
     "fast": "the few-step solvers (CCI, ΠGDM, DDRM) against TReg and DDIM at matched NFE (analytic prior)",
     "particles": "does TDS's returned particle sample the exact posterior as N grows? (analytic prior)",
+    "deepinv": "deepinv 0.5's DDRM, DiffPIR and DPS against ours, same prior, operator and y (needs deepinv)",
     "inversion": "DDIM/FPI/RNRI round trips, and warm starts from an inversion on the accuracy bed",
     "speed": "seconds, NFE and memory per solver: measured parts composed to full size (tiny model or real one)",
     "gpu": "every solver on an accelerator at full size, fp32/fp16/bf16 (random full-size SD-1.5 by default)",
