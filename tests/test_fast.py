@@ -639,7 +639,7 @@ def test_every_solver_runs_three_steps_on_pixel_priors(name, prior_name, pixel_p
     uc, c = prior.embed([NULL_PROMPT, "a photo of a cat"]).chunk(2)
     if name == "p2l" and prior_name == "tiny-pixel":
         pytest.skip("p2l tunes the prompt and this model has no text (solve.py refuses the pair)")
-    changes = {"steps": 3, **({"sigma_y": 0.01} if name in (*FAST, "tds") else {})}  # tds needs σ_y > 0
+    changes = {"steps": 3, **({"sigma_y": 0.01} if name in (*FAST, "tds", "tds-svd") else {})}  # σ_y > 0
     x = run(name, prior, op, y, uc, c, **changes)
     assert x.shape == (1, 3, 64, 64) and torch.isfinite(x).all()
 

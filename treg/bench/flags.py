@@ -325,21 +325,23 @@ def gpu(argv=None):
 
 
 PARTICLES = """\
-Convergence of the particle sampler TDS (treg.solvers.particles) on the calibration bed as the particle count N
-grows: does the one particle it returns per seed sample the exact posterior?
+Convergence of a particle sampler (treg.solvers.particles: tds, or tds-svd with --solver) on the calibration bed as
+the particle count N grows: does the one particle it returns per seed sample the exact posterior?
 
 The bed is treg/bench/beds.py's (×8 SR at 64², σ = 0.01, exact posterior weights 0.6/0.3/0.1 on three null-space
-details); tds runs with configs/solver/tds.yaml, only `particles`, `steps` and `cfg_guidance` set here (and --set).
-Settings: w = 0 with the empty prompt and w = 1 with the guided prompt ("plain"): the analytic ε is the true score,
-so the chain's prior is exact and the exact posterior is the target that TDS converges to as N → ∞ (up to the DDPM
-chain's discretisation at --steps). Other w: CFG's field is no prior's score, so there is no posterior to converge to;
-those rows are reported against the tilted posterior (TV) and the exact CFG sampler's landing law (TV CFG), with no
-claim. Per (setting, N), the statistics of treg.bench.beds.statistics over the seeds with 95 % bootstrap intervals
-(1000 resamples): TV, spread ratio measured/null, residual and its W1 to the exact posterior's residuals (4000
-draws); NFE per image (N·steps, CFG ×2), the mean final ESS and resampling count per seed, seconds per seed. Seeds
-per cell: min(--seeds, --particle_budget / N). Row `exact`: exact posterior draws at --seeds.
+details); the solver runs with configs/solver/SOLVER.yaml, only `particles`, `steps` and `cfg_guidance` set here (and
+--set). Settings: w = 0 with the empty prompt and w = 1 with the guided prompt ("plain"): the analytic ε is the true
+score, so the chain's prior is exact and the exact posterior is the target that the sampler converges to as N → ∞ (up
+to the DDPM chain's discretisation at --steps, and for tds-svd its kernel's τ²). Other w: CFG's field is no prior's
+score, so there is no posterior to converge to; those rows are reported against the tilted posterior (TV) and the
+exact CFG sampler's landing law (TV CFG), with no claim. Per (setting, N), the statistics of
+treg.bench.beds.statistics over the seeds with 95 % bootstrap intervals (1000 resamples): TV, spread ratio
+measured/null, residual and its W1 to the exact posterior's residuals (4000 draws); NFE per image (N·steps, CFG ×2),
+the mean final ESS and resampling count per seed, seconds per seed. Seeds per cell: min(--seeds, --particle_budget /
+N). Row `exact`: exact posterior draws at --seeds.
 
     python -m treg bench particles --threads 1 --out assets/particles    # the committed report
+    python -m treg bench particles --solver tds-svd --threads 1 --out assets/particles-svd
     python -m treg bench particles --particles 1,4 --seeds 8 --steps 5 --guidance 0 --out /tmp/particles
 
 Writes OUT.md, OUT.json and OUT.png (each statistic against N). Offline: the analytic prior only.
@@ -348,6 +350,7 @@ Writes OUT.md, OUT.json and OUT.png (each statistic against N). Offline: the ana
 
 def particles(argv=None):
     p = parser("particles", PARTICLES)
+    p.add_argument("--solver", choices=("tds", "tds-svd"), default="tds", help="the sampler (default: tds)")
     p.add_argument("--particles", type=int_list, default=[1, 4, 16, 64, 256],
                    help="particle counts N (default: 1,4,16,64,256)")
     p.add_argument("--seeds", type=int, default=200, help="seeds per cell at most (default: %(default)s)")
@@ -358,8 +361,8 @@ def particles(argv=None):
     p.add_argument("--guidance", type=float_list, default=[0.0, 1.0, 2.0],
                    help="w values; w = 0 uses the empty prompt, others calibration.GUIDED, \"plain\" (default: 0,1,2)")
     p.add_argument("--chunk", type=int, default=512, help="particles per solver call (memory; default: %(default)s)")
-    p.add_argument("--set", type=parse_set, action="append", default=[], metavar="tds.KEY=VALUE",
-                   help="override a tds.yaml field, e.g. tds.tausq=0.005 (repeatable)")
+    p.add_argument("--set", type=parse_set, action="append", default=[], metavar="SOLVER.KEY=VALUE",
+                   help="override a field of the solver's YAML, e.g. tds.tausq=0.005 (repeatable)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
     p.add_argument("--out", type=Path, default=Path("runs/particles"), help="writes OUT.md, OUT.json, OUT.png")
     args = p.parse_args(argv)

@@ -1,4 +1,5 @@
-"""TDS convergence on the calibration bed as the particle count N grows (treg.solvers.particles). Its command
+"""A particle sampler's convergence (tds or tds-svd, treg.solvers.particles) on the calibration bed as the particle
+count N grows. Its command
 line and description are `particles` in treg/bench/flags.py (`python -m treg bench particles --help`);
 main(argv) is run(flags.particles(argv))."""
 import dataclasses
@@ -29,9 +30,10 @@ PANELS = [("tv", "TV to the posterior weights"), ("spread_measured", "spread rat
           ("residual_w1", "residual W1 to the exact"), ("ess", "final ESS / N")]
 
 
-def solve_cell(bed, cfg, prompt, seeds, chunk):
-    """TDS on the bed's y once per seed, in batches of about `chunk` particles: latents (n, 4, 8, 8), NFE per seed,
-    seconds per seed, and per seed the final ESS and the number of resampling steps (from the callback)."""
+def solve_cell(bed, solver, cfg, prompt, seeds, chunk):
+    """The particle sampler `solver` on the bed's y once per seed, in batches of about `chunk` particles: latents
+    (n, 4, 8, 8), NFE per seed, seconds per seed, and per seed the final ESS and the number of resampling steps (from
+    the callback)."""
     uc, c = bed.prior.embed(["", prompt]).chunk(2)
     per_call = max(1, chunk // cfg.particles)
     z, ess, resamples, nfe, wall = [], [], [], 0, 0.0
@@ -39,9 +41,9 @@ def solve_cell(bed, cfg, prompt, seeds, chunk):
         part = seeds[start:start + per_call]
         profiler, seen = Profiler("cpu"), []
         begin = time.perf_counter()
-        x = SOLVERS["tds"][0](profiler.wrap(bed.prior, PRIOR_PARTS), bed.op, bed.y.expand(len(part), -1, -1, -1), cfg,
-                              c=c, uc=uc, generator=[torch.Generator().manual_seed(1000 + s) for s in part],
-                              callback=seen.append)
+        x = SOLVERS[solver][0](profiler.wrap(bed.prior, PRIOR_PARTS), bed.op, bed.y.expand(len(part), -1, -1, -1),
+                               cfg, c=c, uc=uc, generator=[torch.Generator().manual_seed(1000 + s) for s in part],
+                               callback=seen.append)
         wall += time.perf_counter() - begin
         if not torch.isfinite(x).all():
             raise FloatingPointError("non-finite solution")
@@ -65,14 +67,14 @@ def experiments(args, bar):
         for n in args.particles:
             bar.set_description(f"w={w:g} N={n}")
             seeds = ex.seeds[:max(2, min(args.seeds, args.particle_budget // n))]
-            cfg = dataclasses.replace(solver_config("tds", args.steps, w, args.set), particles=n)
-            z, nfe, seconds, ess, resamples = solve_cell(bed, cfg, prompt, seeds, args.chunk)
+            cfg = dataclasses.replace(solver_config(args.solver, args.steps, w, args.set), particles=n)
+            z, nfe, seconds, ess, resamples = solve_cell(bed, args.solver, cfg, prompt, seeds, args.chunk)
             fns, runs = cal.statistics(bed, z, log_w, reference, law)
             stats = cal.intervals(fns, len(seeds))
             stats["ess"] = cal.interval(lambda i: ess[i].mean(-1) / n, len(seeds))
             stats["resamples"] = cal.interval(lambda i: resamples[i].mean(-1), len(seeds))
-            rows.append({"w": w, "prompt": prompt, "particles": n, "solver": "tds", "seeds": len(seeds), "nfe": nfe,
-                         "seconds": seconds, "stats": stats, "runs": runs | {"ess": ess.round(3).tolist()},
+            rows.append({"w": w, "prompt": prompt, "particles": n, "solver": args.solver, "seeds": len(seeds),
+                         "nfe": nfe, "seconds": seconds, "stats": stats, "runs": runs | {"ess": ess.round(3).tolist()},
                          "target": "exact posterior" if exact else "none (tilted posterior and CFG law reported)",
                          "law": None if law is None else law.tolist()})
             bar.update()
@@ -80,13 +82,14 @@ def experiments(args, bar):
 
 
 def markdown(bed, rows, args, seconds):
-    cfg = solver_config("tds", args.steps, 0.0, args.set)
+    cfg = solver_config(args.solver, args.steps, 0.0, args.set)
     lines = [
-        "# TDS convergence on the calibration bed", "",
+        f"# {args.solver} convergence on the calibration bed", "",
         f"`python -m treg bench particles {shlex.join(args.argv)}`".replace(" `", "`") + f": {args.steps} DDPM steps, "
         f"seeds per cell min({args.seeds}, {args.particle_budget}/N), {seconds / 60:.1f} min on {args.threads} CPU "
         f"thread(s). Every value is the statistic over the seeds (one returned particle each) with its 95 % bootstrap "
-        f"interval ({cal.BOOTSTRAP} resamples). tds settings: configs/solver/tds.yaml (τ² = {cfg.tausq}, resampling "
+        f"interval ({cal.BOOTSTRAP} resamples). {args.solver} settings: configs/solver/{args.solver}.yaml "
+        f"(τ² = {cfg.tausq}, resampling "
         f"{cfg.resampling} below ESS {cfg.resample_threshold:g}·N, σ_y = {bed.sigma:g}) with `particles`, `steps`, "
         "`cfg_guidance` set here. ESS: the final weights' effective sample size over N, mean over seeds; resamples: "
         "resampling steps per seed. See `--help`.", ""]
@@ -131,8 +134,8 @@ def figure(rows, args, path):
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("particles N")
     fig.legend(*axes.flat[0].get_legend_handles_labels(), loc="center right", fontsize=9)
-    fig.suptitle(f"TDS on the exact bed vs particle count ({args.steps} steps; bars: 95 % bootstrap CI; dashed: "
-                 "exact posterior draws)")
+    fig.suptitle(f"{args.solver} on the exact bed vs particle count ({args.steps} steps; bars: 95 % bootstrap CI; "
+                 "dashed: exact posterior draws)")
     fig.tight_layout(rect=(0, 0, 0.9, 1))
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
@@ -147,10 +150,10 @@ def check(args):
         raise ConfigError("--steps must be in [1, 999]")
     if not args.guidance or not all(0 <= w <= 100 for w in args.guidance):
         raise ConfigError("--guidance must be in [0, 100]")
-    bad = [key for key, _ in args.set if key.split(".", 1)[0] != "tds"]
+    bad = [key for key, _ in args.set if key.split(".", 1)[0] != args.solver]
     if bad:
-        raise ConfigError(f"--set {', '.join(bad)}: only tds.KEY applies")
-    solver_config("tds", args.steps, 0.0, args.set)  # a broken YAML or --set fails here, before any work
+        raise ConfigError(f"--set {', '.join(bad)}: only {args.solver}.KEY applies")
+    solver_config(args.solver, args.steps, 0.0, args.set)  # a broken YAML or --set fails here, before any work
 
 
 def run(args):

@@ -3,7 +3,8 @@
     latent.py     DDIM, TReg, DPS, PSLD, P2L, RED-diff: one loop each, the prior and operator as arguments
     fast.py       CCI (C-ΠGDM), ΠGDM, DDRM: few-step solvers that use H⁺ of the measurement on the latents
     peers.py      the peers' solvers: DiffPIR, DAPS, ReSample
-    particles.py  TDS, the twisted diffusion sampler: sequential Monte Carlo, consistent as particles → ∞
+    particles.py  TDS, the twisted diffusion sampler, and TDS-SVD, its exact-Gaussian form in H's spectral basis:
+                  sequential Monte Carlo, consistent as particles → ∞
     inversion.py  DDIM inversion, fixed-point and RNRI inversion, and the warm start some solvers can use
 
 Solvers never load a model: the prior arrives as an argument (treg.priors.load builds one).
@@ -14,7 +15,7 @@ from treg.config import CONFIGS, load_solver
 from treg.solvers.fast import CCIConfig, DDRMConfig, PiGDMConfig, cci, ddrm, pigdm
 from treg.solvers.latent import (DDIMConfig, DPSConfig, P2LConfig, PSLDConfig, REDDiffConfig, TRegConfig, ddim, dps,
                                  p2l, psld, reddiff, treg)
-from treg.solvers.particles import TDSConfig, tds
+from treg.solvers.particles import TDSConfig, TDSSVDConfig, tds, tds_svd
 from treg.solvers.peers import DAPSConfig, DiffPIRConfig, ReSampleConfig, daps, diffpir, resample
 
 SOLVERS = {
@@ -31,6 +32,7 @@ SOLVERS = {
     "daps": (daps, DAPSConfig),
     "resample": (resample, ReSampleConfig),
     "tds": (tds, TDSConfig),
+    "tds-svd": (tds_svd, TDSSVDConfig),
 }
 
 
