@@ -55,6 +55,34 @@ def _measurement_inverse(prior, op, h, y, generator):
     return h.pinv(y)
 
 
+class LinearisedOperator:
+    """J = ∂(A∘decode)/∂z at z0 by torch.func (jvp forward, vjp backward), in the dtype of z0: the measurement as a
+    linear map of the latent on a prior without an exact one (Stable Diffusion, or any prior that shows only the
+    prior interface). Exact where decode is linear (the analytic prior behind such an interface)."""
+
+    def __init__(self, prior, op, z0):
+        self.z0, self.measure = z0, lambda z: op.A(prior.decode(z))
+        _, self._vjp = torch.func.vjp(self.measure, z0)
+
+    def A(self, v):
+        return torch.func.jvp(self.measure, (self.z0,), (v.to(self.z0),))[1]
+
+    def At(self, u):
+        return self._vjp(u.to(self.z0))[0]
+
+
+def likelihood_step(prior, op, h, z, y, sigma_y, rho, cg_iters, generator):
+    """The last step's data term with y's noise: z + Hᵀ(HHᵀ + (σ_y/ρ)² I)⁻¹(y + σ_y·n − Hz), n ~ N(0, I), i.e. the
+    mean of N(z, ρ²I)·N(y + σ_y·n; Hz, σ_y² I). Where sρ ≫ σ_y along a singular value s of H it sets Hz = y + σ_y·n,
+    so the residual ‖y − Hz‖ is σ_y‖n‖ (about one noise floor), as for the exact posterior, where Hz has posterior
+    std ≈ σ_y; where sρ ≪ σ_y it leaves z. H: the exact latent operator, else J = ∂(A∘decode)/∂z at z
+    (LinearisedOperator). Returns the latent in float64."""
+    h = LinearisedOperator(prior, op, z.to(y.dtype)) if h is None or isinstance(h, LatentSurrogate) else h
+    dtype = y.dtype if isinstance(h, LinearisedOperator) else torch.float64  # the model's dtype through the decoder
+    misfit = (y.double() + sigma_y * randn(y.shape, generator, y.device).double()).to(dtype) - h.A(z.to(dtype))
+    return z + h.At(gain_solver(h, z, cg_iters)(misfit, (sigma_y / rho) ** 2)).double()
+
+
 # --- CCI ---------------------------------------------------------------------------------------------------------
 
 
@@ -76,11 +104,13 @@ class CCIConfig:
     noisy ODE, which the official N-C-ΠGDM does not)."""
     steps: int = bounded(5, 1, 1000)            # conditional steps = NFE (official demo: 5)
     w: float = bounded(15.0, 0, 100)            # ΠGDM guidance weight inside the projector Φ (official demo: 15)
-    k_start: int = bounded(566, 1, 999)         # first timestep: VPSDE t = 0.4 matched by noise level (ᾱ = 0.196)
+    k_start: int = bounded(999, 1, 999)         # first timestep (measured, docs/solvers.md "Text that chooses")
     cfg_guidance: float = bounded(4.0, 0, 100)  # text CFG weight of ε̂ (project default); 0 = without text
     sigma_y: float | None = bounded(None, 0, 10)  # y's noise std; None = the task's noise_scale; 0 = noiseless form
     cg_lamb: float = bounded(1e-4, 0, 1e6, low_open=True)  # Stable Diffusion only: final pixel prox λ (TReg's)
     cg_iters: int = bounded(5, 0, 10000)        # Stable Diffusion only: its CG iterations (TReg's)
+    last_step: str = one_of("likelihood", ("likelihood", "ode"))  # with σ_y > 0: y's noise put back (likelihood_step)
+    likelihood_iters: int = bounded(50, 1, 10000)  # CG iterations of likelihood_step where H has no SVD
     init: str = one_of("noise", ("noise", "inversion"))  # EXPERIMENTAL "inversion": see inverted_start
     init_invert_t: int = bounded(100, 1, 999)   # with init = inversion: invert down to here, re-noise to k_start
 
@@ -233,6 +263,11 @@ def cci(prior, op, y, cfg, *, c, uc, generator=None, callback=None):
         x = basis.join(x_bar / table["E"][n + 1])
         if callback:
             callback({"i": n, "steps": cfg.steps, "t": k, "z0": x0.to(y.dtype)})
+    if cfg.last_step == "likelihood" and cfg.sigma_y > 0:
+        # 5. y's noise put back along H (on Stable Diffusion the linearised A∘decode), prior width ρ of the last level
+        mu, sigma = levels[-2]
+        return prior.decode(likelihood_step(prior, op, h, x, y, cfg.sigma_y, sigma / mu, cfg.likelihood_iters,
+                                            generator).to(y.dtype))
     x = prior.decode(x.to(y.dtype))
     if isinstance(h, LatentSurrogate):
         # Stable Diffusion (experimental): the surrogate H only approximates A∘decode, so finish with TReg's prox
@@ -295,11 +330,12 @@ class PiGDMConfig:
     by ᾱ (5.1× at k 566): the ODE that cci integrates, for comparing the two integrators."""
     steps: int = bounded(20, 1, 1000)           # NFE (CCI repo baseline_cont_pgdm.sh:17, num_steps 20)
     w: float = bounded(6.0, 0, 100)             # guidance weight (CCI repo baseline_cont_pgdm.sh:20, w 6)
-    k_start: int = bounded(566, 1, 999)         # first timestep: VPSDE t = 0.4 matched by noise level, as CCI
+    k_start: int = bounded(999, 1, 999)         # first timestep (measured, docs/solvers.md "Text that chooses")
     cfg_guidance: float = bounded(4.0, 0, 100)  # text CFG weight of ε̂ (project default); 0 = without text
     sigma_y: float | None = bounded(None, 0, 10)  # measurement noise std; None = the task's noise_scale
     cg_iters: int = bounded(50, 1, 10000)       # CG iterations for (H Hᵀ + (σ_y/r_t)² I)⁻¹ without an SVD
     weighting: str = one_of("pigdm", ("pigdm", "cpigdm"))  # w_t = w·r² (ΠGDM) or w·r²·μ² (C-ΠGDM's, cci's ODE)
+    last_step: str = one_of("likelihood", ("likelihood", "ode"))  # with σ_y > 0: y's noise put back (likelihood_step)
 
 
 @torch.no_grad()
@@ -334,6 +370,10 @@ def pigdm(prior, op, y, cfg, *, c, uc, generator=None, callback=None):
         x = mu_next * x_bar
         if callback:
             callback({"i": n, "steps": cfg.steps, "t": k, "z0": x0.to(y.dtype)})
+    if cfg.last_step == "likelihood" and cfg.sigma_y > 0:
+        # 4. y's noise put back along H (on Stable Diffusion the linearised A∘decode), prior width ρ of the last level
+        mu, sigma = levels[-2]
+        x = likelihood_step(prior, op, h, x, y, cfg.sigma_y, sigma / mu, cfg.cg_iters, generator)
     return prior.decode(x.to(y.dtype))
 
 
