@@ -22,6 +22,7 @@ import warnings
 import numpy
 import torch
 from scipy.integrate import quad
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from treg.config import ConfigError, bounded, one_of
 from treg.diffusion import guided_eps, randn, tweedie
@@ -61,11 +62,12 @@ class LinearisedOperator:
     prior interface). Exact where decode is linear (the analytic prior behind such an interface)."""
 
     def __init__(self, prior, op, z0):
-        self.z0, self.measure = z0, lambda z: op.A(prior.decode(z))
-        _, self._vjp = torch.func.vjp(self.measure, z0)
+        self.z0, self.measure = z0.contiguous(), lambda z: op.A(prior.decode(z))  # dense: forward AD needs it
+        self.value, self._vjp = torch.func.vjp(self.measure, self.z0)  # value = A(decode(z0))
 
     def A(self, v):
-        return torch.func.jvp(self.measure, (self.z0,), (v.to(self.z0),))[1]
+        with sdpa_kernel(SDPBackend.MATH):  # the fused attention kernels have no forward-mode derivative
+            return torch.func.jvp(self.measure, (self.z0,), (v.to(self.z0).contiguous(),))[1]
 
     def At(self, u):
         return self._vjp(u.to(self.z0))[0]
@@ -77,9 +79,12 @@ def likelihood_step(prior, op, h, z, y, sigma_y, rho, cg_iters, generator):
     so the residual ‖y − Hz‖ is σ_y‖n‖ (about one noise floor), as for the exact posterior, where Hz has posterior
     std ≈ σ_y; where sρ ≪ σ_y it leaves z. H: the exact latent operator, else J = ∂(A∘decode)/∂z at z
     (LinearisedOperator). Returns the latent in float64."""
-    h = LinearisedOperator(prior, op, z.to(y.dtype)) if h is None or isinstance(h, LatentSurrogate) else h
-    dtype = y.dtype if isinstance(h, LinearisedOperator) else torch.float64  # the model's dtype through the decoder
-    misfit = (y.double() + sigma_y * randn(y.shape, generator, y.device).double()).to(dtype) - h.A(z.to(dtype))
+    if h is None:  # through the decoder in the model's dtype
+        h = LinearisedOperator(prior, op, z.to(y.dtype))
+        seen = h.value
+    else:
+        seen = h.A(z)
+    misfit = (y.double() + sigma_y * randn(y.shape, generator, y.device).double()).to(seen) - seen
     return z + h.At(gain_solver(h, z, cg_iters)(misfit, (sigma_y / rho) ** 2)).double()
 
 
@@ -263,15 +268,17 @@ def cci(prior, op, y, cfg, *, c, uc, generator=None, callback=None):
         x = basis.join(x_bar / table["E"][n + 1])
         if callback:
             callback({"i": n, "steps": cfg.steps, "t": k, "z0": x0.to(y.dtype)})
-    if cfg.last_step == "likelihood" and cfg.sigma_y > 0:
-        # 5. y's noise put back along H (on Stable Diffusion the linearised A∘decode), prior width ρ of the last level
+    noisy = cfg.last_step == "likelihood" and cfg.sigma_y > 0
+    if noisy and not isinstance(h, LatentSurrogate):
+        # 5. y's noise put back along the exact H, prior width ρ of the last level (likelihood_step)
         mu, sigma = levels[-2]
-        return prior.decode(likelihood_step(prior, op, h, x, y, cfg.sigma_y, sigma / mu, cfg.likelihood_iters,
-                                            generator).to(y.dtype))
+        x = likelihood_step(prior, op, h, x, y, cfg.sigma_y, sigma / mu, cfg.likelihood_iters, generator)
     x = prior.decode(x.to(y.dtype))
     if isinstance(h, LatentSurrogate):
-        # Stable Diffusion (experimental): the surrogate H only approximates A∘decode, so finish with TReg's prox
-        x = prox(op, x, y, cfg.cg_lamb, cfg.cg_iters)
+        # Stable Diffusion (experimental): the surrogate H only approximates A∘decode, so finish with TReg's prox;
+        # towards y + σ_y·n where y's noise is put back (towards y itself it fits the noise: 0.2 noise floors)
+        target = y + cfg.sigma_y * randn(y.shape, generator, y.device).to(y) if noisy else y
+        x = prox(op, x, target, cfg.cg_lamb, cfg.cg_iters)
     return x
 
 
