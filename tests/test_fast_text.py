@@ -16,7 +16,7 @@ from treg.config import SAMPLES
 from treg.latent_ops import LatentSurrogate, latent_operator, linear_map
 from treg.operators import build_operator
 from treg.priors.analytic import load_image
-from treg.priors.posterior import ambiguous_prior, exact_posterior, landed_component, latent_gram
+from treg.priors.posterior import ambiguous_prior, dense_posterior, landed_component, latent_gram
 from treg.solvers import configure
 from treg.solvers.fast import LinearisedOperator
 from treg.solvers.latent import residual_norm
@@ -67,9 +67,9 @@ def bed():
     x = prior.decode(prior.means(8, 8)[:1])
     y = op.A(x) + SIGMA * torch.randn(op.A(x).shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     floor = SIGMA * y.numel() ** 0.5
-    posteriors = [exact_posterior(prior, op, y, prompt, SIGMA) for prompt in CAPTIONS]
-    # 20000 exact draws z = m_k + Σ^½n with the dense Σ = (I/s² + MᵀM/σ²)⁻¹; the two m_k differ only in null(M)
     gram, forward, _ = latent_gram(prior, op, (4, 8, 8))
+    posteriors = [dense_posterior(prior, op, gram, y, prompt, SIGMA) for prompt in CAPTIONS]
+    # 20000 exact draws z = m_k + Σ^½n with the dense Σ = (I/s² + MᵀM/σ²)⁻¹; the two m_k differ only in null(M)
     cov = torch.linalg.inv(torch.eye(len(gram), dtype=gram.dtype) / prior.std ** 2 + gram / SIGMA ** 2)
     noise = torch.randn(20000, len(gram), generator=torch.Generator().manual_seed(1), dtype=gram.dtype)
     draws = posteriors[0].means[:1].flatten(1) + noise @ torch.linalg.cholesky(cov).T
