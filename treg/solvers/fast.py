@@ -4,11 +4,11 @@ guidance inside ε̂. Same signature as treg.solvers; registered in treg.solvers
 They need the measurement as a linear operator H on the diffusion variable (treg.latent_ops): the pixel operator on
 a pixel prior, M = A∘decode on the analytic prior; on Stable Diffusion ΠGDM differentiates through the decoder,
 CCI uses an experimental latent surrogate, and DDRM refuses. All three integrate from diffusion level ᾱ_k to the
-clean level ᾱ = 1, so the last step returns a sample, not a Tweedie estimate. With σ_y > 0, cci and ΠGDM
-then put y's noise back (`likelihood_step`; `last_step: ode` skips it), which keeps them from fitting y's noise. All three model y's noise σ_y (the
+clean level ᾱ = 1, so the last step returns a sample, not a Tweedie estimate. All three model y's noise σ_y (the
 task's noise_scale unless the YAML sets it): ΠGDM and DDRM as their papers do, CCI by integrating ΠGDM's noisy
 guidance exactly in H's SVD basis where H has one (`cci_basis`; not the official N-C-ΠGDM), else in its noiseless
-form. Notation: b = −log ᾱ, μ = √ᾱ = e^{−b/2},
+form; with σ_y > 0 CCI and ΠGDM then put y's noise back (`likelihood_step`; `last_step: ode` skips it), so that they
+do not fit it. Notation: b = −log ᾱ, μ = √ᾱ = e^{−b/2},
 σ = √(1−ᾱ), ρ = σ/μ; x̂0 = (x − σε̂)/μ.
 
     CCI    Pandey, Yang, Mandt, "Fast Samplers for Inverse Problems in Iterative Refinement Models", NeurIPS 2024
