@@ -58,20 +58,26 @@ def _measurement_inverse(prior, op, h, y, generator):
 
 
 class LinearisedOperator:
-    """J = ∂(A∘decode)/∂z at z0 by torch.func (jvp forward, vjp backward), in the dtype of z0: the measurement as a
-    linear map of the latent on a prior without an exact one (Stable Diffusion, or any prior that shows only the
-    prior interface). Exact where decode is linear (the analytic prior behind such an interface)."""
+    """J = ∂(A∘decode)/∂z at z0, in the dtype of z0: the measurement as a linear map of the latent on a prior
+    without an exact one (Stable Diffusion, or any prior that shows only the prior interface); exact where decode is
+    linear. One graph of A(decode(z0)) and of its backward: Jᵀu is its backward, Jv the backward of that backward
+    (linear in u, so ∂⟨Jᵀu, v⟩/∂u = Jv). Plain autograd, not torch.func, so that custom autograd.Functions on the
+    way (solve.py's profiling marks) are allowed."""
 
     def __init__(self, prior, op, z0):
-        self.z0, self.measure = z0.contiguous(), lambda z: op.A(prior.decode(z))  # dense: forward AD needs it
-        self.value, self._vjp = torch.func.vjp(self.measure, self.z0)  # value = A(decode(z0))
+        with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):  # fused attention has no double backward
+            self.z0 = z0.detach().requires_grad_()
+            self.value = op.A(prior.decode(self.z0))  # A(decode(z0))
+            self.u = torch.zeros_like(self.value, requires_grad=True)
+            self.grad, = torch.autograd.grad(self.value, self.z0, self.u, create_graph=True)
 
     def A(self, v):
-        with sdpa_kernel(SDPBackend.MATH):  # the fused attention kernels have no forward-mode derivative
-            return torch.func.jvp(self.measure, (self.z0,), (v.to(self.z0).contiguous(),))[1]
+        with torch.enable_grad():
+            return torch.autograd.grad(self.grad, self.u, v.to(self.grad), retain_graph=True)[0].detach()
 
     def At(self, u):
-        return self._vjp(u.to(self.z0))[0]
+        with torch.enable_grad():
+            return torch.autograd.grad(self.value, self.z0, u.to(self.value), retain_graph=True)[0].detach()
 
 
 def likelihood_step(prior, op, h, z, y, sigma_y, rho, cg_iters, generator):
@@ -82,7 +88,7 @@ def likelihood_step(prior, op, h, z, y, sigma_y, rho, cg_iters, generator):
     (LinearisedOperator). Returns the latent in float64."""
     if h is None:  # through the decoder in the model's dtype
         h = LinearisedOperator(prior, op, z.to(y.dtype))
-        seen = h.value
+        seen = h.value.detach()
     else:
         seen = h.A(z)
     misfit = (y.double() + sigma_y * randn(y.shape, generator, y.device).double()).to(seen) - seen
