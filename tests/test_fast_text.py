@@ -122,7 +122,8 @@ def test_defaults_follow_either_prompt_and_fit_y_as_the_exact_posterior(bed, nam
 
 
 def test_the_linearised_decoder_is_the_dense_latent_operator_on_a_linear_decoder(bed):
-    """LinearisedOperator (Jᵀu by backward, Jv by double backward) of the wrapper's A∘decode equals M and Mᵀ of treg.latent_ops."""
+    """LinearisedOperator (Jᵀu by backward, Jv by double backward) of the wrapper's A∘decode equals M and Mᵀ of
+    treg.latent_ops."""
     prior, op, *_ = bed
     g = torch.Generator().manual_seed(3)
     z, v = (torch.randn(1, 4, 8, 8, generator=g, dtype=torch.float64) for _ in range(2))
