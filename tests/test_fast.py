@@ -213,10 +213,11 @@ def test_noisy_coefficients_match_adaptive_quadrature():
 
 def test_noisy_cci_with_vanishing_noise_is_the_noiseless_split_form(bed):
     """σ_y = 1e-9 takes the spectral path (M's SVD, quadrature coefficients); σ_y = 0 the official split form
-    (projector, closed forms): the two constructions agree (measured: 2e-15)."""
+    (projector, closed forms): the two constructions agree (measured: 2e-15). Both end with the ODE's last step: the
+    default last step with σ_y > 0 puts y's noise back (tests/test_fast_text.py), which σ_y = 0 does not."""
     prior, op, y, uc, c = bed
     noiseless = run("cci", prior, op, y, uc, c, sigma_y=0.0, k_start=399)
-    nearly = run("cci", prior, op, y, uc, c, sigma_y=1e-9, k_start=399)
+    nearly = run("cci", prior, op, y, uc, c, sigma_y=1e-9, k_start=399, last_step="ode")
     assert ((nearly - noiseless).norm() / noiseless.norm()).item() <= 1e-10
 
 
@@ -329,11 +330,14 @@ def dense_matrix(op, shape):
     return op.A(torch.eye(n, dtype=torch.float64).view(n, *shape)).flatten(1).T
 
 
+@pytest.mark.parametrize("last_step", ["likelihood", "ode"])
 @pytest.mark.parametrize("weighting", ["pigdm", "cpigdm"])
-def test_pigdm_replays_the_papers_step_with_a_dense_operator(weighting):
+def test_pigdm_replays_the_papers_step_with_a_dense_operator(weighting, last_step):
     """pigdm against a replay with dense H, torch.linalg.pinv(H) for the start and a dense (HHᵀ + cI)⁻¹: the weight
     of G over a step is ∫½w·e^{±b/2} db by quadrature (w_t = w·r² of the CCI repo's PGDMSampler, pgdm.py:128-129,
-    or C-ΠGDM's w·r²·μ²), on the analytic pixel prior (16 px, ×4 SR, σ_y = 0.05)."""
+    or C-ΠGDM's w·r²·μ²), on the analytic pixel prior (16 px, ×4 SR, σ_y = 0.05); with last_step "likelihood" the
+    output then gets x + Hᵀ(HHᵀ + (σ_y/ρ)² I)⁻¹(y + σ_y·n − Hx), ρ = σ/μ of the last grid level, n the generator's
+    next draw."""
     prior = AnalyticPixelPrior.from_folder()
     op = build_operator("super_resolution", 16, scale=4).double()
     H = dense_matrix(op, (3, 16, 16))
@@ -345,14 +349,15 @@ def test_pigdm_replays_the_papers_step_with_a_dense_operator(weighting):
     events = []
     fn, config = SOLVERS["pigdm"]
     cfg = dataclasses.replace(config(), w=w, steps=steps, k_start=k_start, sigma_y=sigma_y, cfg_guidance=2.0,
-                              weighting=weighting)
+                              weighting=weighting, last_step=last_step)
     out = fn(prior, op, y, cfg, c=c, uc=uc, generator=torch.Generator().manual_seed(4), callback=events.append)
 
     abar = [prior.alphas_cumprod[k].double().item() for k in start_grid(k_start, steps)] + [1.0]
     b = [-math.log(a) for a in abar]
     sign = 1 if weighting == "pigdm" else -1
     flat_y = y.flatten()
-    noise = randn((1, 3, 16, 16), torch.Generator().manual_seed(4), "cpu").double()
+    generator = torch.Generator().manual_seed(4)
+    noise = randn((1, 3, 16, 16), generator, "cpu").double()
     x = abar[0] ** 0.5 * (torch.linalg.pinv(H) @ flat_y).view(1, 3, 16, 16) + (1 - abar[0]) ** 0.5 * noise
     for n, k in enumerate(start_grid(k_start, steps)):
         mu, sigma = abar[n] ** 0.5, (1 - abar[n]) ** 0.5
@@ -367,6 +372,10 @@ def test_pigdm_replays_the_papers_step_with_a_dense_operator(weighting):
         weight = quad(lambda v: 0.5 * w * math.exp(sign * v / 2), b[n + 1], b[n], epsabs=1e-14, epsrel=1e-13)[0]
         rho = lambda a: ((1 - a) / a) ** 0.5
         x = abar[n + 1] ** 0.5 * (x / mu + (rho(abar[n + 1]) - rho(abar[n])) * eps.detach() + weight * G)
+    if last_step == "likelihood":
+        drawn = flat_y + sigma_y * randn(y.shape, generator, "cpu").double().flatten()
+        gain = torch.linalg.inv(H @ H.T + (sigma_y / rho(abar[-2])) ** 2 * torch.eye(len(H), dtype=torch.float64))
+        x = x + (H.T @ gain @ (drawn - H @ x.flatten())).view_as(x)
     expected = prior.decode(x)
     assert ((out - expected).norm() / expected.norm()).item() <= 1e-10
 

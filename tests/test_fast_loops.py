@@ -103,7 +103,8 @@ def test_pigdm_through_the_decoder_replays_the_step_with_a_dense_decoder_and_pix
     """Without an H on the latent (Stable Diffusion's case): the start μ₀·encode(A⁺y) + σ₀·n (encode = the dense
     pinv of the decoder's matrix D plus its draw from the solver's generator), the guidance
     (∂x̂0/∂x)ᵀ Mᵀ (AAᵀ + cI)⁻¹(y − M x̂0) with M = A·D and the gain of the PIXEL operator (dense AAᵀ), c = (σ_y/σ)²,
-    and ΠGDM's weight ∫½w·e^{b/2} db by quadrature."""
+    and ΠGDM's weight ∫½w·e^{b/2} db by quadrature; then the last step x + Mᵀ(MMᵀ + (σ_y/ρ)² I)⁻¹(y + σ_y·n − Mx)
+    with the dense M (the decoder's Jacobian, exact for this linear decoder), ρ = σ/μ of the last level."""
     from scipy.integrate import quad
     from treg.solvers.fast import start_grid
     prior, op, y, uc, c = decoded_bed
@@ -133,6 +134,10 @@ def test_pigdm_through_the_decoder_replays_the_step_with_a_dense_decoder_and_pix
         weight = quad(lambda v: 0.5 * w * math.exp(v / 2), b[n + 1], b[n], epsabs=1e-14, epsrel=1e-13)[0]
         rho = lambda a: ((1 - a) / a) ** 0.5
         x = abar[n + 1] ** 0.5 * (x / mu + (rho(abar[n + 1]) - rho(abar[n])) * eps.detach() + weight * G)
+    M = op.A(D.T.reshape(64, 3, 32, 32)).flatten(1).T  # (12, 64)
+    drawn = y.flatten() + sigma_y * randn(y.shape, generator, "cpu").double().flatten()
+    gain = torch.linalg.inv(M @ M.T + (sigma_y / rho(abar[-2])) ** 2 * torch.eye(12, dtype=torch.float64))
+    x = x + (M.T @ gain @ (drawn - M @ x.flatten())).view_as(x)
     expected = (D @ x.flatten()).view(out.shape)
     assert ((out - expected).norm() / expected.norm()).item() <= 1e-8  # measured 4.8e-10 (pinv(D), 1/μ₀ = 2.3)
 
@@ -168,14 +173,15 @@ def test_with_noise_fills_only_an_unset_sigma_y():
 @pytest.mark.parametrize("name", ["cci", "pigdm", "ddrm"])
 def test_float32_in_float32_out(name, bed):
     """fp16-ready: a float32 y gives a float32 image and float32 x̂0 in the callback (the loops run in float64),
-    within float32 rounding of the float64 solve of the same seed."""
+    within float32 rounding of the float64 solve of the same seed (2e-4: cci's last step, (HHᵀ + (σ_y/ρ)² I)⁻¹ with the
+    large ρ of 2 steps' last level, k 500, amplifies y's rounding to 1.1e-4, measured)."""
     prior, op, y, uc, c, H = bed
     seen = []
     low = (prior, op, y.float(), uc.float(), c.float(), H)
     out = solve(name, low, callback=seen.append, sigma_y=0.05, steps=2)
     assert out.dtype == torch.float32 and all(info["z0"].dtype == torch.float32 for info in seen)
     reference = solve(name, bed, sigma_y=0.05, steps=2)
-    assert ((out.double() - reference).norm() / reference.norm()).item() <= 1e-4
+    assert ((out.double() - reference).norm() / reference.norm()).item() <= 2e-4
 
 
 @pytest.mark.parametrize("name", ["cci", "pigdm", "ddrm"])
@@ -257,7 +263,8 @@ def test_cci_warns_in_full_when_the_projector_is_inexact_and_the_noise_unmodelle
 
 def test_pigdm_without_svd_replays_the_step_with_a_dense_gain():
     """Motion blur (no SVD): the gain (HHᵀ + cI)⁻¹ by cfg.cg_iters of CG against a dense inverse, the start with
-    H⁺y by the operator's own CG pinv (its tolerance, not a dense pinv), 2 steps of ΠGDM's update written out."""
+    H⁺y by the operator's own CG pinv (its tolerance, not a dense pinv), 2 steps of ΠGDM's update written out and
+    the last step x + Hᵀ(HHᵀ + (σ_y/ρ)² I)⁻¹(y + σ_y·n − Hx) with a dense inverse."""
     from scipy.integrate import quad
     from treg.solvers.fast import start_grid
     prior = AnalyticPixelPrior.from_folder()
@@ -274,7 +281,8 @@ def test_pigdm_without_svd_replays_the_step_with_a_dense_gain():
     ks = start_grid(k_start, steps)
     abar = [prior.alphas_cumprod[k].double().item() for k in ks] + [1.0]
     b = [-math.log(a) for a in abar]
-    noise = randn((1, 3, 16, 16), torch.Generator().manual_seed(4), "cpu").double()
+    generator = torch.Generator().manual_seed(4)
+    noise = randn((1, 3, 16, 16), generator, "cpu").double()
     x = abar[0] ** 0.5 * op.pinv(y) + (1 - abar[0]) ** 0.5 * noise
     for n, k in enumerate(ks):
         mu, sigma = abar[n] ** 0.5, (1 - abar[n]) ** 0.5
@@ -286,4 +294,7 @@ def test_pigdm_without_svd_replays_the_step_with_a_dense_gain():
         weight = quad(lambda v: 0.5 * w * math.exp(v / 2), b[n + 1], b[n], epsabs=1e-14, epsrel=1e-13)[0]
         rho = lambda a: ((1 - a) / a) ** 0.5
         x = abar[n + 1] ** 0.5 * (x / mu + (rho(abar[n + 1]) - rho(abar[n])) * eps.detach() + weight * G)
+    drawn = y.flatten() + sigma_y * randn(y.shape, generator, "cpu").double().flatten()
+    gain = torch.linalg.inv(H @ H.T + (sigma_y / rho(abar[-2])) ** 2 * torch.eye(len(H), dtype=torch.float64))
+    x = x + (H.T @ gain @ (drawn - H @ x.flatten())).view_as(x)
     assert ((out - x).norm() / x.norm()).item() <= 1e-6

@@ -7,7 +7,8 @@ CCI uses an experimental latent surrogate, and DDRM refuses. All three integrate
 clean level ᾱ = 1, so the last step returns a sample, not a Tweedie estimate. All three model y's noise σ_y (the
 task's noise_scale unless the YAML sets it): ΠGDM and DDRM as their papers do, CCI by integrating ΠGDM's noisy
 guidance exactly in H's SVD basis where H has one (`cci_basis`; not the official N-C-ΠGDM), else in its noiseless
-form. Notation: b = −log ᾱ, μ = √ᾱ = e^{−b/2},
+form; with σ_y > 0 CCI and ΠGDM then put y's noise back (`likelihood_step`; `last_step: ode` skips it), so that they
+do not fit it. Notation: b = −log ᾱ, μ = √ᾱ = e^{−b/2},
 σ = √(1−ᾱ), ρ = σ/μ; x̂0 = (x − σε̂)/μ.
 
     CCI    Pandey, Yang, Mandt, "Fast Samplers for Inverse Problems in Iterative Refinement Models", NeurIPS 2024
@@ -22,6 +23,7 @@ import warnings
 import numpy
 import torch
 from scipy.integrate import quad
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from treg.config import ConfigError, bounded, one_of
 from treg.diffusion import guided_eps, randn, tweedie
@@ -55,6 +57,44 @@ def _measurement_inverse(prior, op, h, y, generator):
     return h.pinv(y)
 
 
+class LinearisedOperator:
+    """J = ∂(A∘decode)/∂z at z0, in the dtype of z0: the measurement as a linear map of the latent on a prior
+    without an exact one (Stable Diffusion, or any prior that shows only the prior interface); exact where decode is
+    linear. One graph of A(decode(z0)) and of its backward: Jᵀu is its backward, Jv the backward of that backward
+    (linear in u, so ∂⟨Jᵀu, v⟩/∂u = Jv). Plain autograd, not torch.func, so that custom autograd.Functions on the
+    way (solve.py's profiling marks) are allowed."""
+
+    def __init__(self, prior, op, z0):
+        with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):  # fused attention has no double backward
+            self.z0 = z0.detach().requires_grad_()
+            self.value = op.A(prior.decode(self.z0))  # A(decode(z0))
+            self.u = torch.zeros_like(self.value, requires_grad=True)
+            self.grad, = torch.autograd.grad(self.value, self.z0, self.u, create_graph=True)
+
+    def A(self, v):
+        with torch.enable_grad():
+            return torch.autograd.grad(self.grad, self.u, v.to(self.grad), retain_graph=True)[0].detach()
+
+    def At(self, u):
+        with torch.enable_grad():
+            return torch.autograd.grad(self.value, self.z0, u.to(self.value), retain_graph=True)[0].detach()
+
+
+def likelihood_step(prior, op, h, z, y, sigma_y, rho, cg_iters, generator):
+    """The last step's data term with y's noise: z + Hᵀ(HHᵀ + (σ_y/ρ)² I)⁻¹(y + σ_y·n − Hz), n ~ N(0, I), i.e. the
+    mean of N(z, ρ²I)·N(y + σ_y·n; Hz, σ_y² I). Where sρ ≫ σ_y along a singular value s of H it sets Hz = y + σ_y·n,
+    so the residual ‖y − Hz‖ is σ_y‖n‖ (about one noise floor), as for the exact posterior, where Hz has posterior
+    std ≈ σ_y; where sρ ≪ σ_y it leaves z. H: the exact latent operator, else J = ∂(A∘decode)/∂z at z
+    (LinearisedOperator). Returns the latent in float64."""
+    if h is None:  # through the decoder in the model's dtype
+        h = LinearisedOperator(prior, op, z.to(y.dtype))
+        seen = h.value.detach()
+    else:
+        seen = h.A(z)
+    misfit = (y.double() + sigma_y * randn(y.shape, generator, y.device).double()).to(seen) - seen
+    return z + h.At(gain_solver(h, z, cg_iters)(misfit, (sigma_y / rho) ** 2)).double()
+
+
 # --- CCI ---------------------------------------------------------------------------------------------------------
 
 
@@ -76,11 +116,13 @@ class CCIConfig:
     noisy ODE, which the official N-C-ΠGDM does not)."""
     steps: int = bounded(5, 1, 1000)            # conditional steps = NFE (official demo: 5)
     w: float = bounded(15.0, 0, 100)            # ΠGDM guidance weight inside the projector Φ (official demo: 15)
-    k_start: int = bounded(566, 1, 999)         # first timestep: VPSDE t = 0.4 matched by noise level (ᾱ = 0.196)
+    k_start: int = bounded(999, 1, 999)         # first timestep (measured, docs/solvers.md "Text that chooses")
     cfg_guidance: float = bounded(4.0, 0, 100)  # text CFG weight of ε̂ (project default); 0 = without text
     sigma_y: float | None = bounded(None, 0, 10)  # y's noise std; None = the task's noise_scale; 0 = noiseless form
     cg_lamb: float = bounded(1e-4, 0, 1e6, low_open=True)  # Stable Diffusion only: final pixel prox λ (TReg's)
     cg_iters: int = bounded(5, 0, 10000)        # Stable Diffusion only: its CG iterations (TReg's)
+    last_step: str = one_of("likelihood", ("likelihood", "ode"))  # with σ_y > 0: y's noise put back (likelihood_step)
+    likelihood_iters: int = bounded(50, 1, 10000)  # CG iterations of likelihood_step where H has no SVD
     init: str = one_of("noise", ("noise", "inversion"))  # EXPERIMENTAL "inversion": see inverted_start
     init_invert_t: int = bounded(100, 1, 999)   # with init = inversion: invert down to here, re-noise to k_start
 
@@ -233,10 +275,17 @@ def cci(prior, op, y, cfg, *, c, uc, generator=None, callback=None):
         x = basis.join(x_bar / table["E"][n + 1])
         if callback:
             callback({"i": n, "steps": cfg.steps, "t": k, "z0": x0.to(y.dtype)})
+    noisy = cfg.last_step == "likelihood" and cfg.sigma_y > 0
+    if noisy and not isinstance(h, LatentSurrogate):
+        # 5. y's noise put back along the exact H, prior width ρ of the last level (likelihood_step)
+        mu, sigma = levels[-2]
+        x = likelihood_step(prior, op, h, x, y, cfg.sigma_y, sigma / mu, cfg.likelihood_iters, generator)
     x = prior.decode(x.to(y.dtype))
     if isinstance(h, LatentSurrogate):
-        # Stable Diffusion (experimental): the surrogate H only approximates A∘decode, so finish with TReg's prox
-        x = prox(op, x, y, cfg.cg_lamb, cfg.cg_iters)
+        # Stable Diffusion (experimental): the surrogate H only approximates A∘decode, so finish with TReg's prox;
+        # towards y + σ_y·n where y's noise is put back (towards y itself it fits the noise: 0.2 noise floors)
+        target = y + cfg.sigma_y * randn(y.shape, generator, y.device).to(y) if noisy else y
+        x = prox(op, x, target, cfg.cg_lamb, cfg.cg_iters)
     return x
 
 
@@ -295,11 +344,12 @@ class PiGDMConfig:
     by ᾱ (5.1× at k 566): the ODE that cci integrates, for comparing the two integrators."""
     steps: int = bounded(20, 1, 1000)           # NFE (CCI repo baseline_cont_pgdm.sh:17, num_steps 20)
     w: float = bounded(6.0, 0, 100)             # guidance weight (CCI repo baseline_cont_pgdm.sh:20, w 6)
-    k_start: int = bounded(566, 1, 999)         # first timestep: VPSDE t = 0.4 matched by noise level, as CCI
+    k_start: int = bounded(999, 1, 999)         # first timestep (measured, docs/solvers.md "Text that chooses")
     cfg_guidance: float = bounded(4.0, 0, 100)  # text CFG weight of ε̂ (project default); 0 = without text
     sigma_y: float | None = bounded(None, 0, 10)  # measurement noise std; None = the task's noise_scale
     cg_iters: int = bounded(50, 1, 10000)       # CG iterations for (H Hᵀ + (σ_y/r_t)² I)⁻¹ without an SVD
     weighting: str = one_of("pigdm", ("pigdm", "cpigdm"))  # w_t = w·r² (ΠGDM) or w·r²·μ² (C-ΠGDM's, cci's ODE)
+    last_step: str = one_of("likelihood", ("likelihood", "ode"))  # with σ_y > 0: y's noise put back (likelihood_step)
 
 
 @torch.no_grad()
@@ -334,6 +384,10 @@ def pigdm(prior, op, y, cfg, *, c, uc, generator=None, callback=None):
         x = mu_next * x_bar
         if callback:
             callback({"i": n, "steps": cfg.steps, "t": k, "z0": x0.to(y.dtype)})
+    if cfg.last_step == "likelihood" and cfg.sigma_y > 0:
+        # 4. y's noise put back along H (on Stable Diffusion the linearised A∘decode), prior width ρ of the last level
+        mu, sigma = levels[-2]
+        x = likelihood_step(prior, op, h, x, y, cfg.sigma_y, sigma / mu, cfg.cg_iters, generator)
     return prior.decode(x.to(y.dtype))
 
 
