@@ -57,6 +57,20 @@ def ess(log_w):
     return torch.exp(2 * torch.logsumexp(log_w, 1) - torch.logsumexp(2 * log_w, 1))
 
 
+def adaptive_resample(log_w, threshold, kind, generator):
+    """TDS's step (1) for log-weights (B, N): resample within each measurement whose ESS < threshold·N. The uniforms
+    are drawn on every step, so that an image's draws do not depend on whether the others of its batch resample.
+    Returns the ESS before (B,), which measurements resampled (B,), the flat ancestor of each of the B·N particles
+    (itself where its measurement did not resample) and the log-weights after (0 where resampled)."""
+    b, n = log_w.shape
+    current = ess(log_w)
+    resampled = current < threshold * n
+    ancestors = resample_indices(log_w, kind, generator)
+    idx = torch.where(resampled[:, None], ancestors, torch.arange(n, device=log_w.device))
+    flat = (idx + n * torch.arange(b, device=log_w.device)[:, None]).flatten()
+    return current, resampled, flat, torch.where(resampled[:, None], torch.zeros_like(log_w), log_w)
+
+
 def gaussian_log_lik(y, y_hat, var):
     """log N(y; ŷ, var·I) per image, (B,)."""
     m = y[0].numel()
@@ -135,16 +149,10 @@ def tds(prior, op, y, cfg, *, c, uc, generator=None, callback=None):
         info = {"i": i, "steps": cfg.steps, "t": t, "z": z, "z0": z0, "eps": eps, "log_w": log_w.clone()}
         if i == len(plan) - 1:
             break
-        # (1) adaptive resampling, every per-particle quantity gathered with its particle; the uniforms are drawn on
-        # every step, so that an image's draws do not depend on whether the others of its batch resample
-        current = ess(log_w)
-        resampled = current < cfg.resample_threshold * n
-        idx = resample_indices(log_w, cfg.resampling, generator)
+        # (1) adaptive resampling, every per-particle quantity gathered with its particle
+        current, resampled, flat, log_w = adaptive_resample(log_w, cfg.resample_threshold, cfg.resampling, generator)
         if resampled.any():
-            idx = torch.where(resampled[:, None], idx, torch.arange(n, device=y.device))
-            flat = (idx + n * torch.arange(b, device=y.device)[:, None]).flatten()
             z, z0, log_twist, grad = z[flat], z0[flat], log_twist[flat], grad[flat]
-            log_w = torch.where(resampled[:, None], torch.zeros_like(log_w), log_w)
             resamples += resampled
         # (2) the twisted DDPM proposal, and (3)'s kernel ratio p/q at the draw
         mean, var = ddpm_posterior(z, z0, a, a_prev)
@@ -261,15 +269,10 @@ def tds_svd(prior, op, y, cfg, *, c, uc, generator=None, callback=None):
         # (0) / (3): the twist's part of the incremental weight (the kernels' part was added at the proposal)
         log_w += (twist - (log_prev if i else 0)).view(b, n)
         info = {"i": i, "steps": cfg.steps, "t": t, "z": z, "z0": z0, "eps": eps, "log_w": log_w.clone()}
-        # (1) adaptive resampling, uniforms drawn every step (an image's draws do not depend on its batch)
-        current = ess(log_w)
-        resampled = current < cfg.resample_threshold * n
-        idx = resample_indices(log_w, cfg.resampling, generator)
+        # (1) adaptive resampling, as tds
+        current, resampled, flat, log_w = adaptive_resample(log_w, cfg.resample_threshold, cfg.resampling, generator)
         if resampled.any():
-            idx = torch.where(resampled[:, None], idx, torch.arange(n, device=y.device))
-            flat = (idx + n * torch.arange(b, device=y.device)[:, None]).flatten()
             z, z0, z0_bar, twist = z[flat], z0[flat], z0_bar[flat], twist[flat]
-            log_w = torch.where(resampled[:, None], torch.zeros_like(log_w), log_w)
             resamples += resampled
         # (2) the conjugate proposal in the spectral basis, (3)'s kernel ratio p/q at the draw
         mean, tilde = ddpm_posterior(z.double(), z0.double(), a, a_prev)
