@@ -99,12 +99,22 @@ def decoded_bed():
     return prior, op, y, uc, c
 
 
+def dense_width(eps_fn, x, direction, mu, sigma):
+    """dᵀCd/dᵀd for Tweedie's covariance C = ρ²(I − σJ) of x0 given x, J = ∂ε̂/∂x formed densely, clamped to
+    [1e-6·ρ², ρ²]: the r² of pigdm's last step at its last model level."""
+    n = x.numel()
+    J = torch.autograd.functional.jacobian(lambda v: eps_fn(v).flatten(), x).view(n, n)
+    d = direction.flatten()
+    cov = (sigma / mu) ** 2 * (torch.eye(n, dtype=torch.float64) - sigma * J)
+    return (d @ cov @ d / (d @ d)).clamp((sigma / mu) ** 2 * 1e-6, (sigma / mu) ** 2)
+
+
 def test_pigdm_through_the_decoder_replays_the_step_with_a_dense_decoder_and_pixel_gain(decoded_bed):
     """Without an H on the latent (Stable Diffusion's case): the start μ₀·encode(A⁺y) + σ₀·n (encode = the dense
     pinv of the decoder's matrix D plus its draw from the solver's generator), the guidance
     (∂x̂0/∂x)ᵀ Mᵀ (AAᵀ + cI)⁻¹(y − M x̂0) with M = A·D and the gain of the PIXEL operator (dense AAᵀ), c = (σ_y/σ)²,
-    and ΠGDM's weight ∫½w·e^{b/2} db by quadrature; then the last step x + Mᵀ(MMᵀ + (σ_y/ρ)² I)⁻¹(y + σ_y·n − Mx)
-    with the dense M (the decoder's Jacobian, exact for this linear decoder), ρ = σ/μ of the last level."""
+    and ΠGDM's weight ∫½w·e^{b/2} db by quadrature; then the last step x + Mᵀ(MMᵀ + (σ_y/r)² I)⁻¹(y + σ_y·n − Mx)
+    with the dense M (the decoder's Jacobian, exact for this linear decoder) and r² of dense_width."""
     from scipy.integrate import quad
     from treg.solvers.fast import start_grid
     prior, op, y, uc, c = decoded_bed
@@ -133,10 +143,12 @@ def test_pigdm_through_the_decoder_replays_the_step_with_a_dense_decoder_and_pix
         G, = torch.autograd.grad(seen, xg, gain @ (y.flatten() - seen.detach()))
         weight = quad(lambda v: 0.5 * w * math.exp(v / 2), b[n + 1], b[n], epsabs=1e-14, epsrel=1e-13)[0]
         rho = lambda a: ((1 - a) / a) ** 0.5
+        M = op.A(D.T.reshape(64, 3, 32, 32)).flatten(1).T  # (12, 64)
+        direction = M.T @ gain @ (y.flatten() - seen.detach())
+        width = dense_width(lambda v: guided_eps(prior, v, k, uc, c, 2.0), x, direction, mu, sigma)
         x = abar[n + 1] ** 0.5 * (x / mu + (rho(abar[n + 1]) - rho(abar[n])) * eps.detach() + weight * G)
-    M = op.A(D.T.reshape(64, 3, 32, 32)).flatten(1).T  # (12, 64)
     drawn = y.flatten() + sigma_y * randn(y.shape, generator, "cpu").double().flatten()
-    gain = torch.linalg.inv(M @ M.T + (sigma_y / rho(abar[-2])) ** 2 * torch.eye(12, dtype=torch.float64))
+    gain = torch.linalg.inv(M @ M.T + sigma_y ** 2 / width * torch.eye(12, dtype=torch.float64))
     x = x + (M.T @ gain @ (drawn - M @ x.flatten())).view_as(x)
     expected = (D @ x.flatten()).view(out.shape)
     assert ((out - expected).norm() / expected.norm()).item() <= 1e-8  # measured 4.8e-10 (pinv(D), 1/μ₀ = 2.3)
@@ -173,8 +185,8 @@ def test_with_noise_fills_only_an_unset_sigma_y():
 @pytest.mark.parametrize("name", ["cci", "pigdm", "ddrm"])
 def test_float32_in_float32_out(name, bed):
     """fp16-ready: a float32 y gives a float32 image and float32 x̂0 in the callback (the loops run in float64),
-    within float32 rounding of the float64 solve of the same seed (2e-4: cci's last step, (HHᵀ + (σ_y/ρ)² I)⁻¹ with the
-    large ρ of 2 steps' last level, k 500, amplifies y's rounding to 1.1e-4, measured)."""
+    within float32 rounding of the float64 solve of the same seed (2e-4: cci's last step, (HHᵀ + (σ_y/r)² I)⁻¹,
+    amplified y's rounding to 1.1e-4 when r was the large ρ of 2 steps' last level, k 500, measured)."""
     prior, op, y, uc, c, H = bed
     seen = []
     low = (prior, op, y.float(), uc.float(), c.float(), H)
@@ -264,7 +276,7 @@ def test_cci_warns_in_full_when_the_projector_is_inexact_and_the_noise_unmodelle
 def test_pigdm_without_svd_replays_the_step_with_a_dense_gain():
     """Motion blur (no SVD): the gain (HHᵀ + cI)⁻¹ by cfg.cg_iters of CG against a dense inverse, the start with
     H⁺y by the operator's own CG pinv (its tolerance, not a dense pinv), 2 steps of ΠGDM's update written out and
-    the last step x + Hᵀ(HHᵀ + (σ_y/ρ)² I)⁻¹(y + σ_y·n − Hx) with a dense inverse."""
+    the last step x + Hᵀ(HHᵀ + (σ_y/r)² I)⁻¹(y + σ_y·n − Hx) with a dense inverse and r² of dense_width."""
     from scipy.integrate import quad
     from treg.solvers.fast import start_grid
     prior = AnalyticPixelPrior.from_folder()
@@ -293,8 +305,10 @@ def test_pigdm_without_svd_replays_the_step_with_a_dense_gain():
         G, = torch.autograd.grad(seen, xg, gain @ (y.flatten() - seen.detach()))
         weight = quad(lambda v: 0.5 * w * math.exp(v / 2), b[n + 1], b[n], epsabs=1e-14, epsrel=1e-13)[0]
         rho = lambda a: ((1 - a) / a) ** 0.5
+        direction = H.T @ gain @ (y.flatten() - seen.detach())
+        width = dense_width(lambda v: guided_eps(prior, v, k, uc, c, 2.0), x, direction, mu, sigma)
         x = abar[n + 1] ** 0.5 * (x / mu + (rho(abar[n + 1]) - rho(abar[n])) * eps.detach() + weight * G)
     drawn = y.flatten() + sigma_y * randn(y.shape, generator, "cpu").double().flatten()
-    gain = torch.linalg.inv(H @ H.T + (sigma_y / rho(abar[-2])) ** 2 * torch.eye(len(H), dtype=torch.float64))
+    gain = torch.linalg.inv(H @ H.T + sigma_y ** 2 / width * torch.eye(len(H), dtype=torch.float64))
     x = x + (H.T @ gain @ (drawn - H @ x.flatten())).view_as(x)
     assert ((out - x).norm() / x.norm()).item() <= 1e-6

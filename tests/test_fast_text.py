@@ -4,8 +4,8 @@ in the prompted mode and fit y as the exact posterior does (residual within its 
 analytic prior and on the same prior behind a wrapper that shows only the prior interface, so that the solvers take
 their Stable Diffusion path (cci: the latent surrogate and the pixel prox; pigdm: gradients through the decoder and
 its last step through the decoder's Jacobian). Measured with the defaults of 2026-12 (docs/solvers.md "Text that
-chooses"): 10/10 seeds in mode for both prompts, residuals 0.70–1.23 floors against the exact posterior's 99% band
-0.70–1.25; from the old start (k 566) 7/10 and 8/10 in mode, with the ODE's own last step 0.2 floors (cci and pigdm
+chooses"): 10/10 seeds in mode for both prompts, residuals 0.63–1.23 floors against the exact posterior's 99% band
+0.72–1.24; from the old start (k 566) 7/10 and 8/10 in mode, with the ODE's own last step 0.2 floors (cci and pigdm
 on the wrapper) and 1.55–2.10 (pigdm on the analytic prior)."""
 import dataclasses
 
@@ -109,16 +109,20 @@ def test_the_wrapper_takes_the_stable_diffusion_path(bed):
 @pytest.mark.parametrize("wrapped", [False, True], ids=["analytic", "foreign"])
 @pytest.mark.parametrize("name", ["cci", "pigdm"])
 def test_defaults_follow_either_prompt_and_fit_y_as_the_exact_posterior(bed, name, wrapped):
-    """≥ 9 of 10 seeds in the prompted mode for both prompts, ≥ 9 of 10 residuals inside the exact posterior's 99%
-    band (0.72–1.24 floors) and their median inside its interquartile range (0.90–1.03). Measured over 200 seeds
-    (cci and pigdm on the analytic prior): residual quantiles 0.5/50/99.5% 0.73/0.98/1.22 and 0.72/0.97/1.21 against
-    the exact 0.72/0.97/1.24; seed 8 sits at 0.70–0.73 for all four, hence 9 of 10."""
+    """Per prompt: ≥ 9 of 10 seeds in the prompted mode, ≥ 9 of 10 residuals inside the exact posterior's 99% band
+    (0.72–1.24 floors), and their median inside the 99% interval of the median of 10 exact draws (0.86–1.05; an exact
+    sampler fails it 1% of the time, the interquartile range used before 9%). Measured over 50 seeds and both
+    prompts: residual quantiles 0.5/50/99.5% cci 0.67/0.93/1.15 (analytic) and 0.68/0.98/1.24 (foreign), pigdm
+    0.63/0.93/1.14 and 0.68/0.92/1.15, against the exact 0.72/0.97/1.24: slightly below it, as the ODE has already
+    pulled z towards y before the last step re-draws it."""
     *_, exact = bed
-    lo, q1, q3, hi = exact.quantile(torch.tensor([0.005, 0.25, 0.75, 0.995], dtype=exact.dtype)).tolist()
+    lo, hi = exact.quantile(torch.tensor([0.005, 0.995], dtype=exact.dtype)).tolist()
+    medians = exact.view(-1, SEEDS).median(dim=1).values  # 2000 medians of 10 exact draws
+    median_lo, median_hi = medians.quantile(torch.tensor([0.005, 0.995], dtype=exact.dtype)).tolist()
     for hits, residuals in outcomes(bed, name, wrapped):
         assert hits >= 9, (hits, residuals)
         assert ((lo <= residuals) & (residuals <= hi)).sum() >= 9, (residuals, lo, hi)
-        assert q1 <= residuals.median() <= q3, (residuals, q1, q3)
+        assert median_lo <= residuals.median() <= median_hi, (residuals, median_lo, median_hi)
 
 
 def test_the_linearised_decoder_is_the_dense_latent_operator_on_a_linear_decoder(bed):

@@ -80,19 +80,34 @@ class LinearisedOperator:
             return torch.autograd.grad(self.value, self.z0, u.to(self.value), retain_graph=True)[0].detach()
 
 
-def likelihood_step(prior, op, h, z, y, sigma_y, rho, cg_iters, generator):
-    """The last step's data term with y's noise: z + Hᵀ(HHᵀ + (σ_y/ρ)² I)⁻¹(y + σ_y·n − Hz), n ~ N(0, I), i.e. the
-    mean of N(z, ρ²I)·N(y + σ_y·n; Hz, σ_y² I). Where sρ ≫ σ_y along a singular value s of H it sets Hz = y + σ_y·n,
-    so the residual ‖y − Hz‖ is σ_y‖n‖ (about one noise floor), as for the exact posterior, where Hz has posterior
-    std ≈ σ_y; where sρ ≪ σ_y it leaves z. H: the exact latent operator, else J = ∂(A∘decode)/∂z at z
-    (LinearisedOperator). Returns the latent in float64."""
+def conditional_variance(direction, jacobian_t_direction, mu, sigma):
+    """r² = dᵀ Cov[z0 | x] d / dᵀd per sample: the variance of the clean latent given the state x at the last
+    model level along the direction d, from Tweedie's second moment Cov[z0 | x] = ρ²(I − σ ∂ε̂/∂x) (exact for the
+    true score, whose Jacobian is symmetric, so dᵀ(∂ε̂/∂x)d = dᵀ·(∂ε̂/∂x)ᵀd, the vector–Jacobian product the guidance
+    already computes). For a Gaussian prior N(m, τ²I) it is ρ²τ²/(ρ² + τ²), whatever d. Clamped to [1e-6·ρ², ρ²]:
+    CFG's ε̂ is not one score. Returns a float64 tensor (B,)."""
+    d, jd = direction.flatten(1).double(), jacobian_t_direction.flatten(1).double()
+    dd = (d * d).sum(1)
+    fraction = torch.where(dd > 0, 1 - sigma * (d * jd).sum(1) / dd.clamp(min=1e-300), torch.ones_like(dd))
+    return (sigma / mu) ** 2 * fraction.clamp(1e-6, 1.0)
+
+
+def likelihood_step(prior, op, h, z, y, sigma_y, width, cg_iters, generator):
+    """The last step's data term with y's noise: z + Hᵀ(HHᵀ + (σ_y/r)² I)⁻¹(y + σ_y·n − Hz), n ~ N(0, I), i.e. the
+    mean of N(z, r²I)·N(y + σ_y·n; Hz, σ_y² I): Matheron's rule, an exact draw from the posterior of z0 given x and
+    y when z is a draw of N(E[z0 | x], r²I). r² = `width` (B,), the variance of z0 given the last model level's x
+    (conditional_variance), not that level's ρ², which is the prior's width only where the prior is flat (at
+    σ_y 0.1 on the exact bed ρ² put solutions 3–4 posterior widths off their mode). Where s·r ≫ σ_y along a
+    singular value s of H it sets Hz = y + σ_y·n (the residual about one noise floor, as the exact posterior's);
+    where s·r ≪ σ_y it leaves z. H: the exact latent operator, else J = ∂(A∘decode)/∂z at z (LinearisedOperator).
+    Returns the latent in float64."""
     if h is None:  # through the decoder in the model's dtype
         h = LinearisedOperator(prior, op, z.to(y.dtype))
         seen = h.value.detach()
     else:
         seen = h.A(z)
     misfit = (y.double() + sigma_y * randn(y.shape, generator, y.device).double()).to(seen) - seen
-    return z + h.At(gain_solver(h, z, cg_iters)(misfit, (sigma_y / rho) ** 2)).double()
+    return z + h.At(gain_solver(h, z, cg_iters)(misfit, (sigma_y ** 2 / width).to(seen))).double()
 
 
 # --- CCI ---------------------------------------------------------------------------------------------------------
@@ -267,6 +282,7 @@ def cci(prior, op, y, cfg, *, c, uc, generator=None, callback=None):
             m = basis.join(table["pi"][n] * (basis.y_part - basis.split(x0)))
             g, = torch.autograd.grad(eps, xg, m.to(eps.dtype))
         eps, g = eps.detach().double(), g.double()
+        width = conditional_variance(m, g, mu, sigma)  # z0's variance given x along m, for step 5
         # 3. exponential-integrator step with ε̂ and g frozen, the scalar coefficients integrated exactly: on the
         # unmeasured part DDIM plus the Jacobian term, on the measured parts a pull to H⁺y as E → 1
         d = {key: table[key][n + 1] - table[key][n] for key in ("y", "s", "j")}
@@ -277,9 +293,8 @@ def cci(prior, op, y, cfg, *, c, uc, generator=None, callback=None):
             callback({"i": n, "steps": cfg.steps, "t": k, "z0": x0.to(y.dtype)})
     noisy = cfg.last_step == "likelihood" and cfg.sigma_y > 0
     if noisy and not isinstance(h, LatentSurrogate):
-        # 5. y's noise put back along the exact H, prior width ρ of the last level (likelihood_step)
-        mu, sigma = levels[-2]
-        x = likelihood_step(prior, op, h, x, y, cfg.sigma_y, sigma / mu, cfg.likelihood_iters, generator)
+        # 5. y's noise put back along the exact H, with the width of z0 given the last level's x (likelihood_step)
+        x = likelihood_step(prior, op, h, x, y, cfg.sigma_y, width, cfg.likelihood_iters, generator)
     x = prior.decode(x.to(y.dtype))
     if isinstance(h, LatentSurrogate):
         # Stable Diffusion (experimental): the surrogate H only approximates A∘decode, so finish with TReg's prox;
@@ -292,15 +307,20 @@ def cci(prior, op, y, cfg, *, c, uc, generator=None, callback=None):
 # --- ΠGDM --------------------------------------------------------------------------------------------------------
 
 
+def per_sample(c, like):
+    """A float, or a (B,) tensor of one value per sample, shaped to broadcast against `like` (B, ...)."""
+    return c.view(-1, *[1] * (like.dim() - 1)) if torch.is_tensor(c) and c.dim() else c
+
+
 def gain_solver(h, like, cg_iters):
-    """(r, c) ↦ (H Hᵀ + c I)⁻¹ r, as the guidance uses it (through Hᵀ, so the part of the result outside range(H)
-    does not matter). With H's SVD: U (S² + c)⁻¹ Uᵀ r on the SVD's directions. Where that SVD is truncated (the
-    Gaussian blur drops s below pinv_rtol = 3e-2 of the largest, and the analytic prior's M = A∘decode with it),
-    the rest of r lies in a complement that HHᵀ maps into itself, and there (HHᵀ + cI) v = r is solved by CG on
-    Q(HHᵀ + cI)Q, Q = I − UUᵀ, whose eigenvalues lie in [c, c + (3e-2·s_max)²]: exact to CG's tolerance unless
-    c ≪ 1e-3·s_max² (50 iterations reach 1e-8 at c ≥ 1e-4·s_max²). With c = 0 (σ_y = 0) the truncated inverse,
+    """(r, c) ↦ (H Hᵀ + c I)⁻¹ r, c a float or one per sample (B,), as the guidance uses it (through Hᵀ, so the part of
+    the result outside range(H) does not matter). With H's SVD: U (S² + c)⁻¹ Uᵀ r on the SVD's directions. Where that
+    SVD is truncated (the Gaussian blur drops s below pinv_rtol = 3e-2 of the largest, and the analytic prior's M =
+    A∘decode with it), the rest of r lies in a complement that HHᵀ maps into itself, and there (HHᵀ + cI) v = r is
+    solved by CG on Q(HHᵀ + cI)Q, Q = I − UUᵀ, whose eigenvalues lie in [c, c + (3e-2·s_max)²]: exact to CG's tolerance
+    unless c ≪ 1e-3·s_max² (50 iterations reach 1e-8 at c ≥ 1e-4·s_max²). With c = 0 (σ_y = 0) the truncated inverse,
     the same pseudo-inverse H⁺ as everywhere else here. Without an SVD: CG on HHᵀ + cI."""
-    full = lambda u, c: h.A(h.At(u)) + c * u
+    full = lambda u, c: h.A(h.At(u)) + per_sample(c, u) * u
     try:
         d = h.svd(like)
     except (AttributeError, ValueError):
@@ -311,9 +331,9 @@ def gain_solver(h, like, cg_iters):
     truncated = (h.At(probe - kept(probe)).norm() > 1e-9 * h.At(probe).norm()).item()  # SR, inpainting: no
 
     def solve(r, c):
-        inverse = torch.where(s2 > 0, 1 / (s2 + c), torch.zeros_like(s2))
+        inverse = torch.where(s2 > 0, 1 / (s2 + per_sample(c, s2[None])), torch.zeros_like(s2))
         v = d.U(inverse * d.Ut(r))
-        if truncated and c > 0:
+        if truncated and bool((torch.as_tensor(c) > 0).all()):
             rest = r - kept(r)
             deflated = lambda u: (lambda q: q - kept(q))(full(u - kept(u), c))
             tol = 1e-12 * rest.flatten(1).norm(dim=1).max().item()
@@ -324,14 +344,18 @@ def gain_solver(h, like, cg_iters):
 
 def pigdm_guidance(eps_fn, measure, solve, x, y, mu, sigma, sigma_y):
     """ε̂(x) and G = (∂x̂0/∂x)ᵀ Hᵀ (H Hᵀ + (σ_y/r)² I)⁻¹ (y − H x̂0), both float64, with x̂0 = (x − σε̂)/μ and
-    r² = σ² = 1 − ᾱ: r²·∇_x log N(y; H x̂0(x), r² H Hᵀ + σ_y² I) with the covariance held fixed (ΠGDM eq. 8)."""
+    r² = σ² = 1 − ᾱ: r²·∇_x log N(y; H x̂0(x), r² H Hᵀ + σ_y² I) with the covariance held fixed (ΠGDM eq. 8);
+    and the variance of z0 given x along the guidance's direction (conditional_variance), for likelihood_step."""
     with torch.enable_grad():
         x = x.detach().requires_grad_()
         eps = eps_fn(x)
-        seen = measure((x - sigma * eps) / mu)
+        x0 = (x - sigma * eps) / mu
+        seen = measure(x0)
         v = solve((y - seen).detach().to(seen.dtype), (sigma_y / sigma) ** 2)
-        guidance, = torch.autograd.grad(seen, x, v)
-    return eps.detach().double(), guidance.double()
+        guidance, direction = torch.autograd.grad(seen, (x, x0), v)  # G and d = Hᵀv from one backward pass
+    # G = (I − σ(∂ε̂/∂x)ᵀ)d/μ, so (∂ε̂/∂x)ᵀd = (d − μG)/σ: the conditional variance along d comes for free
+    width = conditional_variance(direction, (direction.double() - mu * guidance.double()) / sigma, mu, sigma)
+    return eps.detach().double(), guidance.double(), width
 
 
 @dataclasses.dataclass
@@ -373,7 +397,7 @@ def pigdm(prior, op, y, cfg, *, c, uc, generator=None, callback=None):
         mu, sigma = levels[n]
         # 2. ε̂ (text CFG) and the ΠGDM guidance, one vector–Jacobian product through the model (and decoder)
         eps_fn = lambda x_: guided_eps(prior, x_, k, uc, c, cfg.cfg_guidance)
-        eps, guidance = pigdm_guidance(eps_fn, measure, solve, x.to(y.dtype), y, mu, sigma, cfg.sigma_y)
+        eps, guidance, width = pigdm_guidance(eps_fn, measure, solve, x.to(y.dtype), y, mu, sigma, cfg.sigma_y)
         x0 = (x - sigma * eps) / mu
         # 3. x̄ = x/μ: x̄ += Δρ·ε̂ + w·ΔW·G, then x = μ'·x̄. In b = −log ᾱ (db = −β dt backwards) the guidance
         # term is ½w·e^{b/2}·G db for w_t = w·r² and ½w·e^{−b/2}·G db for w·r²·μ²; ε̂ and G frozen, so
@@ -385,9 +409,9 @@ def pigdm(prior, op, y, cfg, *, c, uc, generator=None, callback=None):
         if callback:
             callback({"i": n, "steps": cfg.steps, "t": k, "z0": x0.to(y.dtype)})
     if cfg.last_step == "likelihood" and cfg.sigma_y > 0:
-        # 4. y's noise put back along H (on Stable Diffusion the linearised A∘decode), prior width ρ of the last level
-        mu, sigma = levels[-2]
-        x = likelihood_step(prior, op, h, x, y, cfg.sigma_y, sigma / mu, cfg.cg_iters, generator)
+        # 4. y's noise put back along H (on Stable Diffusion the linearised A∘decode), with the width of z0 given
+        # the last level's x (likelihood_step)
+        x = likelihood_step(prior, op, h, x, y, cfg.sigma_y, width, cfg.cg_iters, generator)
     return prior.decode(x.to(y.dtype))
 
 
