@@ -356,6 +356,20 @@ def test_conditional_variance_is_the_gaussian_posterior_variance_along_the_direc
         torch.testing.assert_close(width, (d * cov * d).sum(1) / (d * d).sum(1), rtol=1e-10, atol=0)
 
 
+def test_conditional_variance_stays_between_a_millionth_of_rho_squared_and_rho_squared():
+    """CFG's ε̂ is not the score of one prior, so σ dᵀ(∂ε̂/∂x)d / dᵀd can leave [0, 1]: a Jacobian of +5/σ (fraction
+    −4, a negative variance) gives 1e-6·ρ², one of −5/σ (fraction 6, wider than the prior) gives ρ², a zero direction
+    gives ρ², and a fraction inside (0, 1) passes through."""
+    mu, sigma = 0.6, 0.8
+    rho2 = (sigma / mu) ** 2
+    d = torch.randn(4, 3, 2, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    d[2] = 0
+    jd = torch.stack([5 / sigma * d[0], -5 / sigma * d[1], d[2], 0.25 / sigma * d[3]])
+    width = conditional_variance(d, jd, mu, sigma)
+    torch.testing.assert_close(width, torch.tensor([1e-6 * rho2, rho2, rho2, 0.75 * rho2], dtype=torch.float64),
+                               rtol=1e-12, atol=0)
+
+
 def dense_matrix(op, shape):
     """The (m, n) matrix of `op` on images shaped `shape` (C, H, W), float64, column by column."""
     n = math.prod(shape)

@@ -207,6 +207,18 @@ def test_the_model_sees_the_measurements_dtype(name, bed, monkeypatch):
     assert seen and set(seen) == {(torch.float32, torch.float32)}
 
 
+def test_pigdm_through_the_decoder_decodes_in_the_measurements_dtype(decoded_bed, monkeypatch):
+    """fp16-ready on Stable Diffusion's path: with a float32 y every latent pigdm hands the decoder, the likelihood
+    step's linearisation J = ∂(A∘decode)/∂z included, is float32, and the image is float32."""
+    prior, op, y, uc, c = decoded_bed
+    seen, decode = [], prior.decode
+    monkeypatch.setattr(prior, "decode", lambda z: seen.append(z.dtype) or decode(z))
+    fn, config = SOLVERS["pigdm"]
+    out = fn(prior, op, y.float(), config(steps=2, sigma_y=0.05, last_step="likelihood"), c=c.float(), uc=uc.float(),
+             generator=torch.Generator().manual_seed(0))
+    assert out.dtype == torch.float32 and len(seen) >= 4 and set(seen) == {torch.float32}
+
+
 def test_cci_starts_from_the_inverted_start_when_asked(bed):
     """init = inversion: the first x̂0 is tweedie of the inverted start its docstring names, built here from
     treg.solvers.inversion.measurement_start: RNRI with 50 unshifted DDIM steps and the solver's text guidance (3, not
