@@ -60,6 +60,29 @@ def test_cg_stops_early_at_tolerance():
     assert len(calls) == 51
 
 
+def test_cg_with_a_tolerance_stops_each_sample_as_if_it_were_alone():
+    """A projected map Q(A + cI)Q (the fast solvers' gain on a truncated SVD) with c 1e-6 for one sample and 1e3 for
+    the other: the second converges in a few steps; iterated on while the first still runs, its residual is
+    rounding along the projected-out directions, where the map is 0, and x grew to 1e13 (measured before the fix).
+    Each sample, with its own tolerance (a (B,) tensor), must come out as it does alone."""
+    g = torch.Generator().manual_seed(0)
+    n, k = 40, 10
+    basis, _ = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64))
+    half = torch.randn(n, n, generator=g, dtype=torch.float64) * torch.logspace(0, -4, n, dtype=torch.float64)
+    a = half @ half.T
+    project = lambda v: v - (v @ basis) @ basis.T
+    c = torch.tensor([1e-6, 1e3], dtype=torch.float64).view(2, 1)
+    b = project(torch.randn(2, n, generator=g, dtype=torch.float64))
+    tol = 1e-12 * b.norm(dim=1)
+    both = conjugate_gradient(lambda v: project(project(v) @ a + c * project(v)), b, torch.zeros_like(b), 200, tol)
+    for i in range(2):
+        ci = c[i : i + 1]
+        alone = conjugate_gradient(lambda v: project(project(v) @ a + ci * project(v)), b[i : i + 1],
+                                   torch.zeros_like(b[i : i + 1]), 200, tol[i].item())
+        assert ((both[i : i + 1] - alone).norm() / alone.norm()).item() < 1e-9
+    assert both[1].norm() <= b[1].norm() / 1e3  # the map is ≥ c = 1e3 on range(Q), so ‖x‖ ≤ ‖b‖/c
+
+
 @pytest.fixture
 def sr():
     return build_operator("super_resolution", 64, scale=4).double()

@@ -336,7 +336,7 @@ def gain_solver(h, like, cg_iters):
         if truncated and bool((torch.as_tensor(c) > 0).all()):
             rest = r - kept(r)
             deflated = lambda u: (lambda q: q - kept(q))(full(u - kept(u), c))
-            tol = 1e-12 * rest.flatten(1).norm(dim=1).max().item()
+            tol = 1e-12 * rest.flatten(1).norm(dim=1)  # per sample: each solve as if alone in the batch
             v = v + conjugate_gradient(deflated, rest, torch.zeros_like(rest), cg_iters, tol)
         return v
     return solve
