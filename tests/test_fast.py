@@ -465,6 +465,24 @@ def test_pigdm_gain_is_the_exact_inverse_on_range_h(key):
     torch.testing.assert_close(h.At(solve(r, 0.0)), h.pinv(r), rtol=1e-9, atol=1e-9 * r.norm().item())
 
 
+def test_pigdm_gain_with_one_c_per_sample_solves_each_sample_as_if_alone():
+    """The likelihood step's gain on a truncated SVD (the analytic prior's M under Gaussian blur) with one c per
+    sample, c 1.07 and 1965 as two seeds of the accuracy bed had, and right-hand sides 1e13 apart: each sample's
+    Hᵀ·gain is what it is alone. Batched, the converged second sample used to be iterated on (1e7 instead of 6e-4
+    on that bed), and one tolerance for the batch would stop the small one before its first CG step."""
+    name, params, _ = GAIN_BEDS["blur-analytic"]
+    op = build_operator(name, 32, **params).double()
+    like = torch.zeros(2, 4, 4, 4, dtype=torch.float64)
+    h = latent_operator(AnalyticPrior.from_folder(), op, like[:1])
+    r = torch.randn(h.A(like).shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    r[1] *= 1e-13
+    c = torch.tensor([1.07, 1965.0], dtype=torch.float64)
+    both = h.At(gain_solver(h, like, 50)(r, c))
+    for i in range(2):
+        alone = h.At(gain_solver(h, like[i : i + 1], 50)(r[i : i + 1], c[i].item()))
+        assert ((both[i : i + 1] - alone).norm() / alone.norm()).item() <= 1e-9, i
+
+
 def test_pigdm_gain_on_the_pixel_operator_uses_its_svd():
     """The gain as pigdm builds it on Stable Diffusion, gain_solver(op, op.At(y), cg_iters) on the pixel operator
     itself (its svd reads `like`'s size): for the truncated Gaussian blur, with cg_iters = 0 the c = 0 gain is the

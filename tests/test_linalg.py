@@ -63,8 +63,9 @@ def test_cg_stops_early_at_tolerance():
 def test_cg_with_a_tolerance_stops_each_sample_as_if_it_were_alone():
     """A projected map Q(A + cI)Q (the fast solvers' gain on a truncated SVD) with c 1e-6 for one sample and 1e3 for
     the other: the second converges in a few steps; iterated on while the first still runs, its residual is
-    rounding along the projected-out directions, where the map is 0, and x grew to 1e13 (measured before the fix).
-    Each sample, with its own tolerance (a (B,) tensor), must come out as it does alone."""
+    rounding along the projected-out directions, where the map is 0, and x grew to 1e13 (measured before the fix,
+    with both right-hand sides of one size). Each sample, with its own tolerance (a (B,) tensor; here their sizes
+    differ by 1e13), must come out as it does alone."""
     g = torch.Generator().manual_seed(0)
     n, k = 40, 10
     basis, _ = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64))
@@ -72,8 +73,9 @@ def test_cg_with_a_tolerance_stops_each_sample_as_if_it_were_alone():
     a = half @ half.T
     project = lambda v: v - (v @ basis) @ basis.T
     c = torch.tensor([1e-6, 1e3], dtype=torch.float64).view(2, 1)
-    b = project(torch.randn(2, n, generator=g, dtype=torch.float64))
-    tol = 1e-12 * b.norm(dim=1)
+    sizes = torch.tensor([[1.0], [1e-13]], dtype=torch.float64)
+    b = project(torch.randn(2, n, generator=g, dtype=torch.float64)) * sizes
+    tol = 1e-12 * b.norm(dim=1)  # one tolerance for both (their largest) would stop the second before its first step
     both = conjugate_gradient(lambda v: project(project(v) @ a + c * project(v)), b, torch.zeros_like(b), 200, tol)
     for i in range(2):
         ci = c[i : i + 1]
